@@ -1,0 +1,169 @@
+"""Hand-written LoRA (Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+y = W x + (alpha / r) * B A dropout(x), with A (r, in) kaiming-uniform and B (out, r) zero, so a fresh
+adapter changes nothing. `LoRALinear` keeps the frozen `weight` (and `bias`) of the layer it replaces,
+so checkpoint keys do not change (torchtune). The model with its adapters disabled is the model it
+was loaded as: for us, theta_safe, the aligned model the user starts from -- a free teacher for
+DER, LwF and EWC without a second copy of the weights.
+
+Adapters are saved in PEFT's layout (adapter_config.json + adapter_model.safetensors with keys
+`base_model.model.<module>.lora_A.weight`), so Hugging Face PEFT and inference servers load them.
+"""
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import read_json, write_json
+
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # same Parameters: keys stay q_proj.weight
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        w = base.weight
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's init, as PEFT
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+
+    def delta(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scale  # (out, in)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:  # the delta is inside weight; take it out again if asked to run disabled
+            return y - F.linear(x, self.delta().to(x.dtype)) if self.disabled else y
+        if self.disabled:
+            return y
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight += self.delta().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.delta().to(self.weight.dtype)
+            self.merged = False
+
+
+def apply_lora(model: nn.Module, rank=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj")) -> nn.Module:
+    """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place.
+
+    Afterwards only the LoRA parameters are trainable.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, alpha, dropout))
+            found.append(name)
+    if not found:
+        raise ValueError(f"--lora-targets {','.join(targets)}: no linear layer of the model has that name")
+    model.lora_config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(set(targets)))
+    return model
+
+
+def lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_parameters(model):
+    return [p for _, m in lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def merge(model):
+    for _, m in lora_layers(model):
+        m.merge()
+
+
+def unmerge(model):
+    for _, m in lora_layers(model):
+        m.unmerge()
+
+
+@contextmanager
+def disabled(model):
+    """Run the model as it was before the adapters (theta_safe): `with lora.disabled(model): ...`."""
+    layers = [m for _, m in lora_layers(model)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
+
+
+def adapter_state(model) -> dict:
+    """The adapter tensors under PEFT's key names."""
+    return {f"{PEFT_PREFIX}{n}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
+            for n, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
+
+
+def save_adapter(model, path, base_model_name_or_path=None):
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout (atomically)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / ".adapter_model.safetensors.tmp"
+    save_file(adapter_state(model), str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / "adapter_model.safetensors")
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
+                  bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
+                  use_rslora=False, use_dora=False, modules_to_save=None, **model.lora_config)
+    write_json(path / "adapter_config.json", config)
+
+
+def load_adapter(model, path):
+    """Apply LoRA as adapter_config.json says and load its weights (ours or PEFT's)."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    cfg = read_json(path / "adapter_config.json")
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora"):
+        raise ValueError(f"{path / 'adapter_config.json'}: only plain LoRA adapters are supported")
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    if not lora_layers(model):
+        apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), tuple(targets))
+    f = path / "adapter_model.safetensors"
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: not found")
+    try:
+        sd = load_file(str(f))
+    except Exception as e:
+        raise ValueError(f"{f}: cannot read safetensors file ({e})") from None
+    sd = {k.replace(".default.weight", ".weight"): v for k, v in sd.items()}  # PEFT keeps names unsuffixed; tolerate both
+    expected = adapter_state(model)
+    if set(sd) != set(expected):
+        bad = sorted(set(sd) ^ set(expected))[0]
+        raise ValueError(f"{f}: adapter tensor {bad!r} does not match the model's LoRA layers")
+    with torch.no_grad():
+        for n, m in lora_layers(model):
+            for ab in ("lora_A", "lora_B"):
+                t = sd[f"{PEFT_PREFIX}{n}.{ab}.weight"]
+                w = getattr(m, ab).weight
+                if t.shape != w.shape:
+                    raise ValueError(f"{f}: {n}.{ab} has shape {tuple(t.shape)}, expected {tuple(w.shape)}")
+                w.copy_(t)
+    return model

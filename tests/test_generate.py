@@ -1,0 +1,55 @@
+"""Generation: the KV cache changes nothing, batching changes nothing, sampling is reproducible."""
+import torch
+
+from generate import generate
+from model import ModelConfig, Transformer
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                      intermediate_size=64, max_seq_len=128, **kw)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)  # sharp logits: greedy choices are not near-ties
+    return m
+
+
+def greedy_without_cache(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_cache_equals_no_cache_and_batch_equals_single():
+    m = tiny()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]]
+    batched = generate(m, prompts, max_new_tokens=12)
+    for p, got in zip(prompts, batched):
+        assert got == greedy_without_cache(m, p, 12)
+        assert generate(m, [p], max_new_tokens=12)[0] == got
+
+
+def test_stop_ids_end_rows_and_are_excluded():
+    m = tiny()
+    p = [1, 2, 3]
+    full = generate(m, [p], max_new_tokens=10)[0]
+    stop = full[4]
+    got = generate(m, [p, [4, 4]], max_new_tokens=10, stop_ids={stop})[0]
+    assert got == full[: full.index(stop)]
+
+
+def test_sampling_is_seeded_and_top_p_small_is_greedy():
+    m = tiny(gemma=False)
+    g = lambda s: torch.Generator().manual_seed(s)
+    a = generate(m, [[1, 2]], 10, temperature=1.0, generator=g(0))
+    assert a == generate(m, [[1, 2]], 10, temperature=1.0, generator=g(0))
+    assert generate(m, [[1, 2]], 10, temperature=1.0, top_p=1e-6, generator=g(1)) == generate(m, [[1, 2]], 10)
+
+
+def test_too_long_prompt_is_an_error():
+    import pytest
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(tiny(), [[1] * 120], max_new_tokens=10)
