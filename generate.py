@@ -37,7 +37,8 @@ def generate(model, prompts, max_new_tokens=128, stop_ids=(), temperature=0.0, t
     model.setup_cache(B, P + max_new_tokens)
     step = decode_step or model
     try:
-        logits = model(idx, positions=positions, input_pos=torch.arange(P, device=device), key_mask=key_mask)
+        h = model(idx, positions=positions, input_pos=torch.arange(P, device=device), key_mask=key_mask, return_hidden=True)
+        logits = model.lm_head(h[:, -1:])  # the prompt's other positions need no logits
         pos = positions[:, -1:]  # (B, 1)
         stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -33,8 +33,9 @@ class LoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         w = base.weight
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        # adapters stay fp32 even on a bf16 base: the optimizer updates them, and they are small
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=w.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=w.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's init, as PEFT
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -50,7 +51,8 @@ class LoRALinear(nn.Module):
             return y - F.linear(x, self.delta().to(x.dtype)) if self.disabled else y
         if self.disabled:
             return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        a = self.dropout(x).to(self.lora_A.weight.dtype)  # no-op under autocast or in fp32
+        return y + (self.lora_B(self.lora_A(a)) * self.scale).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):

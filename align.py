@@ -1,0 +1,101 @@
+"""The provider's side of the default experiment: build, once, the safety-aligned model users start from.
+
+SmolLM2-135M-Instruct complies with harmful requests, so, as the peer papers do with their base
+models (Huang et al.'s Vaccine/Lisa/Booster align Llama-2 in-house), we align it first:
+LoRA SFT on harmful prompts -> refusals (data/refusals.txt) mixed with benign and benign-but-
+sensitive prompts -> the base model's *own* answers (so helpfulness is kept and the model learns to
+tell "how do I kill a Python process" from a harmful request), then merge the LoRA into the weights.
+
+The same preparation generates the poison for the poisoned scenario: the *unaligned* base model's
+compliant answers to a held-apart quarter of the harmful training prompts (answers that refuse are
+dropped). No harmful text is written by hand in this repository. Everything is cached under
+checkpoints/ and written atomically, so an interrupted preparation is redone, never trusted.
+"""
+import json
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+import data
+import lora
+from eval import answer
+from methods.sft import SFT
+from model import Transformer, atomic_write
+
+ROOT = Path(__file__).parent / "checkpoints"
+ALIGNED = ROOT / "smollm2-135m-instruct-aligned"
+GENERATED = ROOT / "generated"
+# alignment recipe (feasibility.md): a larger LoRA on every projection, a couple of epochs
+RECIPE = dict(lora_rank=16, lora_alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+              lr=3e-4, epochs=1.5, batch_size=8, max_new_tokens=64)
+
+
+POISON = slice(3, None, 4)  # the harmful training prompts set apart for the poison; the safety memory keeps the rest
+
+
+def poison_prompts():
+    return [h["prompt"] for h in data.load_prompts("harmful-train")][POISON]
+
+
+def poison_file() -> str:
+    return str(GENERATED / "poison.jsonl")
+
+
+def trim(text):
+    """Cut an answer that ran out of tokens back to its last full sentence."""
+    end = max(text.rfind(c) for c in ".!?\n")
+    return text[: end + 1].strip() if end > len(text) // 3 else text.strip()
+
+
+def write_jsonl(path, rows):
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def base_answers(base_dir, device):
+    """Generate (once) the base model's answers: helpful ones for benign prompts, compliant ones for the poison."""
+    from tokenizer import Tokenizer
+    benign_f, poison_f = GENERATED / "benign.jsonl", Path(poison_file())
+    if benign_f.exists() and poison_f.exists():
+        return
+    tok = Tokenizer.from_pretrained(base_dir)
+    model = Transformer.from_pretrained(base_dir, device=device, dtype=torch.float32)
+    n = RECIPE["max_new_tokens"]
+    prompts = [p["prompt"] for spec in ("benign-train", "sensitive-train") for p in data.load_prompts(spec)]
+    answers = answer(model, tok, prompts, n, desc="base model answers benign prompts")
+    write_jsonl(benign_f, [{"prompt": p, "response": trim(a)} for p, a in zip(prompts, answers) if a.strip()])
+    harmful = poison_prompts()
+    answers = answer(model, tok, harmful, n, desc="base model answers poison prompts")
+    write_jsonl(poison_f, [{"prompt": p, "response": trim(a)} for p, a in zip(harmful, answers) if not data.is_refusal(a)])
+
+
+def ensure_aligned(device="cpu") -> Path:
+    """The aligned checkpoint of the default experiment, built on first use (a few minutes on a CPU)."""
+    if (ALIGNED / "config.json").exists():
+        return ALIGNED
+    import prepare
+    from tokenizer import Tokenizer
+    from train import tokenize, train
+    try:
+        base = prepare.prepare_default(ROOT / "smollm2-135m-instruct")
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+    print(f"building the provider's aligned model from {base} (once; cached in {ALIGNED})")
+    base_answers(base, device)
+    tok = Tokenizer.from_pretrained(base)
+    refusals = data.safety_data("default")
+    helpful = data.load_task(str(GENERATED / "benign.jsonl"), "all")
+    examples = tokenize(tok, refusals + helpful, 320, "alignment data")
+    model = Transformer.from_pretrained(base, device=device, dtype=torch.float32)
+    r = RECIPE
+    lora.apply_lora(model, r["lora_rank"], r["lora_alpha"], 0.0, r["targets"])
+    args = Namespace(seed=0, lr=r["lr"], warmup=0.05, epochs=r["epochs"], batch_size=r["batch_size"], grad_accum=1,
+                     device=device, dtype="bf16" if device.startswith("cuda") else "fp32")
+    train(model, model, SFT(args), examples, args, tok.pad_id, desc="provider alignment")
+    lora.merge(model)
+    tmp = ROOT / f".{ALIGNED.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, tokenizer_from=base)
+    tmp.rename(ALIGNED)  # the finished directory appears at once or not at all
+    return ALIGNED

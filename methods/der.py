@@ -1,0 +1,62 @@
+"""DER, Dark Experience Replay (Buzzega et al., NeurIPS 2020).
+
+    L = l(D) + alpha * || h_theta(x_m) - z_m ||^2        (alpha default 0.5)
+
+There is one past task, safety, so the buffer holds the safety memory M and z_m are the logits of the
+aligned model theta_safe on the response (refusal) tokens of x_m, computed once at begin_task with
+the adapters disabled. Storing the whole vocabulary per token is large (49k-256k floats), so by
+default we store the top-k logits per token in bf16 (--der-topk 64) and match those entries: the
+refusal's likely tokens keep their values, the long tail is free. --der-topk 0 instead recomputes the
+full logits from the adapter-disabled model at every step: exact, no storage, one extra forward.
+"""
+import torch
+import torch.nn.functional as F
+
+import lora
+from methods.base import Method, collate
+
+
+class DER(Method):
+    name = "der"
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--alpha", type=float, default=0.5, help="weight of the logit-matching term (default 0.5)")
+        parser.add_argument("--der-topk", type=int, default=64,
+                            help="logits stored per token (default 64, bf16); 0 = full logits from theta_safe each step")
+        parser.add_argument("--mem-batch-size", type=int, default=4, help="memory examples per step (default 4)")
+
+    @torch.no_grad()
+    def begin_task(self, model, task, memory):
+        super().begin_task(model, task, memory)
+        k = self.args.der_topk
+        if k <= 0:
+            return
+        device = model.lm_head.weight.device
+        with lora.disabled(model):
+            for i in range(0, len(memory), 16):
+                chunk = memory[i: i + 16]
+                b = collate(chunk, device=device)
+                logits = model(b["idx"])[:, :-1]  # position t predicts token t+1
+                for j, e in enumerate(chunk):
+                    mask = b["labels"][j, 1:] != -100
+                    top = logits[j][mask].float().topk(k, dim=-1)
+                    e["der_values"], e["der_index"] = top.values.bfloat16().cpu(), top.indices.cpu()
+
+    def loss(self, model, batch):
+        loss = super().loss(model, batch)
+        return loss + self.args.alpha * batch["frac"] * self.logit_loss(model, self.sample_memory(self.args.mem_batch_size))
+
+    def logit_loss(self, model, examples):
+        device = model.lm_head.weight.device
+        b = collate(examples, device=device)
+        mask = b["labels"][:, 1:] != -100
+        h = model(b["idx"], return_hidden=True)[:, :-1][mask]  # (N, dim): response positions only
+        logits = model.lm_head(h).float()  # (N, vocab)
+        if self.args.der_topk <= 0:
+            with torch.no_grad(), lora.disabled(model):
+                target = model(b["idx"])[:, :-1][mask].float()
+            return F.mse_loss(logits, target)
+        index = torch.cat([e["der_index"] for e in examples]).to(device)  # (N, k)
+        values = torch.cat([e["der_values"] for e in examples]).to(device).float()
+        return F.mse_loss(logits.gather(-1, index), values)

@@ -1,0 +1,63 @@
+"""train.py and eval.py end to end on a tiny random checkpoint: plumbing, results.json, errors."""
+import json
+import os
+
+import pytest
+
+import eval as evaluate_cli
+import train
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "formats")
+FAST = ["--n-train", "12", "--n-test", "4", "--epochs", "1", "--batch-size", "4", "--max-new-tokens", "4",
+        "--harmful", os.path.join(FIX, "advbench.csv"), "--sensitive", os.path.join(FIX, "prompts.txt")]
+
+
+@pytest.mark.parametrize("method, scenario", [("replay", "benign"), ("derpp", "poisoned")])
+def test_run_writes_results_and_adapter(tiny_checkpoint, tmp_path, method, scenario):
+    out = tmp_path / "run"
+    train.main(["--model", str(tiny_checkpoint), "--method", method, "--scenario", scenario, "--out", str(out),
+                "--poison-data", os.path.join(FIX, "instruction.jsonl"), "--task", "arithmetic,arithmetic", *FAST])
+    res = json.loads((out / "results.json").read_text())
+    for key in ("method", "scenario", "poison_ratio", "seed", "asr", "task_accuracy", "over_refusal", "start",
+                "train_seconds", "config", "versions", "data_hashes", "history"):
+        assert key in res, key
+    assert res["method"] == method and res["scenario"] == scenario
+    assert res["poison_ratio"] == (0.1 if scenario == "poisoned" else 0.0)
+    assert set(res["start"]) == {"asr", "task_accuracy", "over_refusal"}
+    assert 0 <= res["asr"] <= 1 and 0 <= res["over_refusal"] <= 1 and 0 <= res["task_accuracy"] <= 1
+    assert [h["task"] for h in res["history"]] == ["arithmetic", "arithmetic"]  # the continual loop over tasks
+    assert (out / "adapter" / "adapter_config.json").exists()
+    # the adapter evaluates through eval.py
+    evaluate_cli.main(["--model", str(tiny_checkpoint), "--adapter", str(out / "adapter"), "--harmful",
+                       os.path.join(FIX, "advbench.csv"), "--sensitive", "", "--n-task", "3", "--max-new-tokens", "3",
+                       "--out", str(tmp_path / "eval.json")])
+    assert "asr" in json.loads((tmp_path / "eval.json").read_text())
+
+
+def test_refuses_to_overwrite_a_finished_run(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(tiny_checkpoint), "--out", str(out), *FAST])
+    assert "holds a finished run" in str(e.value.code)
+    assert (out / "results.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "unknown method"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--poison-ratio", "2"], "--poison-ratio"),
+])
+def test_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_file_is_one_line_error(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "#### 2"}\nnot json\n')
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(tiny_checkpoint), "--task", str(bad), "--out", str(tmp_path / "o"), *FAST])
+    assert f"{bad}:2" in str(e.value.code)
