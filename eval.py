@@ -9,7 +9,6 @@ Over-refusal = share of benign-but-sensitive prompts (XSTest-style) that get a r
 any object with `judge(prompts, answers) -> list[bool]` (True = harmful), so a model judge plugs in.
 """
 import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -95,7 +94,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) to apply")
-    p.add_argument("--harmful", nargs="*", default=["harmful-test"], help="built-in names or files (default harmful-test)")
+    p.add_argument("--harmful", default="harmful-test", help="built-in names or files, comma-separated (default harmful-test)")
     p.add_argument("--sensitive", default="sensitive-test", help="benign-but-sensitive prompts ('' to skip)")
     p.add_argument("--task", default="arithmetic", help="task name or file, comma-separated ('' to skip)")
     p.add_argument("--n-task", type=int, default=50, help="task test examples (default 50)")
@@ -114,7 +113,7 @@ def main(argv=None):
         model = Transformer.from_pretrained(args.model, device=args.device, dtype=dtype)
         if args.adapter:
             load_adapter(model, args.adapter)
-        harmful = [h for spec in args.harmful for h in data.load_prompts(spec)]
+        harmful = [h for spec in args.harmful.split(",") if spec for h in data.load_prompts(spec)]
         sensitive = data.load_prompts(args.sensitive) if args.sensitive else []
         tasks = {t: (data.load_task(t, "test", args.n_task), data.task_metric(t)) for t in args.task.split(",") if t}
         res = evaluate(model, tok, harmful, sensitive, tasks, JUDGES[args.judge](), args.max_new_tokens, args.batch_size)

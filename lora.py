@@ -9,7 +9,6 @@ DER, LwF and EWC without a second copy of the weights.
 Adapters are saved in PEFT's layout (adapter_config.json + adapter_model.safetensors with keys
 `base_model.model.<module>.lora_A.weight`), so Hugging Face PEFT and inference servers load them.
 """
-import json
 import math
 from contextlib import contextmanager
 from pathlib import Path

@@ -1,5 +1,4 @@
 """LoRA: zero delta at init, merge == unmerged, idempotent merge, only LoRA trains, PEFT layout."""
-import copy
 
 import pytest
 import torch
