@@ -70,7 +70,9 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default out/METHOD-SCENARIO-sSEED)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    known, _ = p.parse_known_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)  # learn --method first: its flags join the parser (and --help)
+    pre.add_argument("--method", default="sft")
+    known, _ = pre.parse_known_args(argv)
     if known.method not in METHODS:
         p.error(f"--method {known.method!r}: unknown method (choose from {', '.join(METHODS)})")
     METHODS[known.method].add_args(p)

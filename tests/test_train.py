@@ -61,3 +61,10 @@ def test_bad_data_file_is_one_line_error(tiny_checkpoint, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--model", str(tiny_checkpoint), "--task", str(bad), "--out", str(tmp_path / "o"), *FAST])
     assert f"{bad}:2" in str(e.value.code)
+
+
+def test_help_lists_the_chosen_methods_flags(capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(["--method", "derpp", "--help"])
+    out = capsys.readouterr().out
+    assert "--alpha" in out and "--beta" in out and "--der-topk" in out
