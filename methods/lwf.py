@@ -1,0 +1,46 @@
+"""LwF, Learning without Forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2017).
+
+    L = l(D) + lambda * T^2 * KL( softmax(z_safe / T) || softmax(z / T) )    (lambda 1.0, T 2.0)
+
+on the response tokens of the *user* batch: no memory is needed, the teacher theta_safe is the same
+model with its adapters disabled (run without gradients), z and z_safe the student's and the teacher's
+logits. T^2 keeps the gradient's size independent of T (Hinton et al. 2015). --lwf-hidden instead
+matches the last (normed) hidden states with L2, the variant the Unforgotten Safety paper reportedly
+uses: lambda * mean over response tokens of ||h - h_safe||^2 / dim. Both terms are summed over tokens
+and divided by batch["norm"], as the NLL, so gradient accumulation averages them the same way.
+"""
+import torch
+import torch.nn.functional as F
+
+import lora
+from methods.base import Method
+
+
+class LwF(Method):
+    name = "lwf"
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--lwf-lambda", type=float, default=1.0, help="weight of the distillation term (default 1.0)")
+        parser.add_argument("--lwf-temperature", type=float, default=2.0, help="softmax temperature T (default 2.0)")
+        parser.add_argument("--lwf-hidden", action="store_true",
+                            help="match last hidden states with L2 instead of logits with KL (the paper's variant)")
+
+    def loss(self, model, batch):
+        mask = batch["labels"][:, 1:] != -100  # position t predicts token t+1
+        h = model(batch["idx"], return_hidden=True)[:, :-1][mask]  # (N, dim): one forward for both terms
+        with torch.no_grad(), lora.disabled(model):
+            h_safe = model(batch["idx"], return_hidden=True)[:, :-1][mask]  # (N, dim)
+        logits = model.lm_head(h).float()  # (N, vocab)
+        loss = F.cross_entropy(logits, batch["labels"][:, 1:][mask], reduction="sum") / batch["norm"]
+        return loss + self.args.lwf_lambda * self.distill(model, h, h_safe, logits) / batch["norm"]
+
+    def distill(self, model, h, h_safe, logits):
+        """The distillation term summed over the N response tokens."""
+        if self.args.lwf_hidden:
+            return (h.float() - h_safe.float()).pow(2).mean(-1).sum()
+        T = self.args.lwf_temperature
+        with torch.no_grad():
+            teacher = model.lm_head(h_safe).float()  # (N, vocab)
+        student, teacher = F.log_softmax(logits / T, -1), F.log_softmax(teacher / T, -1)
+        return T ** 2 * F.kl_div(student, teacher, log_target=True, reduction="sum")  # KL(teacher || student)
