@@ -99,7 +99,7 @@ def main(argv=None):
     p.add_argument("--task", default="arithmetic", help="task name or file, comma-separated ('' to skip)")
     p.add_argument("--n-task", type=int, default=50, help="task test examples (default 50)")
     p.add_argument("--judge", default="keyword", help="keyword (default)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length for the safety evaluation (as train.py)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
