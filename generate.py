@@ -22,20 +22,25 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=128, stop_ids=(), temperature=0.0, top_p=1.0, pad_id=0,
              generator=None, decode_step=None):
-    """Continue each prompt (a list of token id lists); returns the new ids of each, stop token excluded."""
+    """Continue each prompt (a list of token id lists); returns the new ids of each, stop token excluded.
+
+    decode_step: a compiled `model` for the one-token steps (e.g. torch.compile(model, mode="reduce-overhead")).
+    Its KV caches are then kept for the next call of the same shape; model.clear_cache() frees them.
+    """
     device = model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     max_ctx = model.config.max_seq_len
     if P + max_new_tokens > max_ctx:
         raise ValueError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the model's context ({max_ctx})")
+    L = min(max_ctx, -(-(P + max_new_tokens) // 64) * 64)  # cache length rounded up: batches share shapes
     idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-    key_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
+    key_mask = torch.zeros(B, L, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):  # left padding: every row's last prompt token sits in slot P-1
         idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
         key_mask[i, P - len(p):] = True
     positions = (key_mask[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    model.setup_cache(B, P + max_new_tokens)
-    step = decode_step or model
+    model.setup_cache(B, L)
+    step = model if decode_step is None else decode_step
     try:
         h = model(idx, positions=positions, input_pos=torch.arange(P, device=device), key_mask=key_mask, return_hidden=True)
         logits = model.lm_head(h[:, -1:])  # the prompt's other positions need no logits
@@ -47,12 +52,12 @@ def generate(model, prompts, max_new_tokens=128, stop_ids=(), temperature=0.0, t
             tok = sample(logits[:, -1], temperature, top_p, generator)  # (B,)
             done = done | torch.isin(tok, stops)
             out.append(torch.where(done, -1, tok))
-            if t + 1 == max_new_tokens or bool(done.all()):
+            if t + 1 == max_new_tokens or (stop_ids and bool(done.all())):  # the check waits for the device
                 break
             pos = pos + 1
             key_mask[:, P + t] = True
             logits = step(tok[:, None], positions=pos, input_pos=torch.tensor([P + t], device=device), key_mask=key_mask)
     finally:
-        model.clear_cache()
+        model.clear_cache(keep=decode_step is not None)
     out = torch.stack(out, 1).tolist()  # (B, new)
     return [[t for t in row[: row.index(-1) if -1 in row else len(row)]] for row in out]

@@ -238,11 +238,20 @@ class Transformer(nn.Module):
         return x if return_hidden else self.lm_head(x)
 
     def setup_cache(self, batch, max_len, dtype=None):
+        """Give every attention layer a KV cache; caches kept by clear_cache(keep=True) are reused when
+        their shape matches (a compiled decode step then sees the same buffers: no recompilation)."""
         cfg, p = self.config, self.lm_head.weight
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype or p.dtype, p.device)
+        kept = getattr(self, "_kept_caches", None)
+        shape, dtype = (batch, cfg.n_kv_heads, max_len, cfg.head_dim), dtype or p.dtype
+        if not (kept and kept[0].k.shape == shape and kept[0].k.dtype == dtype and kept[0].k.device == p.device):
+            kept = [KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, p.device) for _ in self.model.layers]
+        for layer, cache in zip(self.model.layers, kept):
+            layer.self_attn.kv_cache = cache
+        self._kept_caches = None
 
-    def clear_cache(self):
+    def clear_cache(self, keep=False):
+        """Detach the caches (training runs without them); keep=True holds them for the next setup_cache."""
+        self._kept_caches = [layer.self_attn.kv_cache for layer in self.model.layers] if keep else None
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
