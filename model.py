@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma")
 ACTIVATIONS = {"silu": F.silu, "gelu": lambda x: F.gelu(x, approximate="tanh"),
@@ -204,6 +205,15 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.grad_checkpointing = False  # activation checkpointing per block (train.py --grad-ckpt)
+
+    def compile_blocks(self, **kw):
+        """torch.compile each decoder block in place (regional compilation): the blocks are identical, so
+        one compiled graph serves all of them and start-up takes seconds instead of minutes; parameter
+        names do not change (no `_orig_mod.` in anything saved)."""
+        for layer in self.model.layers:
+            layer.compile(**kw)
+        return self
 
     def forward(self, idx, positions=None, input_pos=None, key_mask=None, return_hidden=False):
         """Logits (B, T, vocab) for token ids idx (B, T).
@@ -233,7 +243,10 @@ class Transformer(nn.Module):
             mask = (slots[None, :] <= input_pos[:, None])[None] & key_mask[:, None, :]  # (B, T, L)
             mask = (mask | (slots[None, :] == input_pos[:, None])[None])[:, None]  # a pad query sees itself: no NaN
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # keep block inputs only; recompute the rest in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 
