@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from methods.base import Method, collate
+from methods.base import Method, at_targets, collate
 
 
 class DER(Method):
@@ -37,11 +37,10 @@ class DER(Method):
             for i in range(0, len(memory), 16):
                 chunk = memory[i: i + 16]
                 b = collate(chunk, device=device)
-                logits = model(b["idx"])[:, :-1]  # position t predicts token t+1
-                for j, e in enumerate(chunk):
-                    mask = b["labels"][j, 1:] != -100
-                    top = logits[j][mask].float().topk(k, dim=-1)
-                    e["der_values"], e["der_index"] = top.values.bfloat16().cpu(), top.indices.cpu()
+                top = model.lm_head(at_targets(model(b["idx"], return_hidden=True), b)).float().topk(k, dim=-1)
+                sizes = (b["labels"][:, 1:] != -100).sum(1).tolist()  # each example's target tokens, in order
+                for e, v, j in zip(chunk, top.values.split(sizes), top.indices.split(sizes)):
+                    e["der_values"], e["der_index"] = v.bfloat16().cpu(), j.cpu()
 
     def loss(self, model, batch):
         loss = super().loss(model, batch)
@@ -50,12 +49,11 @@ class DER(Method):
     def logit_loss(self, model, examples):
         device = model.lm_head.weight.device
         b = collate(examples, device=device)
-        mask = b["labels"][:, 1:] != -100
-        h = model(b["idx"], return_hidden=True)[:, :-1][mask]  # (N, dim): response positions only
+        h = at_targets(model(b["idx"], return_hidden=True), b)  # (N, dim): response positions only
         logits = model.lm_head(h).float()  # (N, vocab)
         if self.args.der_topk <= 0:
             with torch.no_grad(), lora.disabled(model):
-                target = model(b["idx"])[:, :-1][mask].float()
+                target = model.lm_head(at_targets(model(b["idx"], return_hidden=True), b)).float()
             return F.mse_loss(logits, target)
         index = torch.cat([e["der_index"] for e in examples]).to(device)  # (N, k)
         values = torch.cat([e["der_values"] for e in examples]).to(device).float()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from methods.base import Method
+from methods.base import Method, at_targets
 
 
 class LwF(Method):
@@ -27,12 +27,11 @@ class LwF(Method):
                             help="match last hidden states with L2 instead of logits with KL (the paper's variant)")
 
     def loss(self, model, batch):
-        mask = batch["labels"][:, 1:] != -100  # position t predicts token t+1
-        h = model(batch["idx"], return_hidden=True)[:, :-1][mask]  # (N, dim): one forward for both terms
+        h = at_targets(model(batch["idx"], return_hidden=True), batch)  # (N, dim): one forward for both terms
         with torch.no_grad(), lora.disabled(model):
-            h_safe = model(batch["idx"], return_hidden=True)[:, :-1][mask]  # (N, dim)
+            h_safe = at_targets(model(batch["idx"], return_hidden=True), batch)  # (N, dim)
         logits = model.lm_head(h).float()  # (N, vocab)
-        loss = F.cross_entropy(logits, batch["labels"][:, 1:][mask], reduction="sum") / batch["norm"]
+        loss = F.cross_entropy(logits, batch["tgt"], reduction="sum") / batch["norm"]
         return loss + self.args.lwf_lambda * self.distill(model, h, h_safe, logits) / batch["norm"]
 
     def distill(self, model, h, h_safe, logits):

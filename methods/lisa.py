@@ -1,0 +1,65 @@
+"""Lisa, Lazy safety alignment (Huang et al., NeurIPS 2024, "Lisa: Lazy Safety Alignment for Large
+Language Models against Harmful Fine-tuning Attack"): bi-state optimisation.
+
+    alignment state, K1 steps:   min  l(M) + (rho / 2) ||w - w_switch||^2        (K1 = --lisa-align-steps 2)
+    fine-tuning state, K2 steps: min  l(D) + (rho / 2) ||w - w_switch||^2        (K2 = --lisa-user-steps 18)
+
+w are the trainable (LoRA) parameters and w_switch their value when the current state began (the last
+iterate of the other state), so the term is zero at each switch and grows with the drift from it;
+rho = --lisa-rho 1.0 (the Lisa scripts' value). The run starts in the alignment state, as Lisa's
+does, and cycles K1, K2, K1, ... optimizer steps. In the alignment state the step's user batch is
+replaced by a memory batch of the same size (the user batch is skipped, as in Lisa's trainer). The
+Lisa scripts use K1 = 100, K2 = 900 over thousands of steps; the default run here has ~55 steps, so
+the same 1:9 split is scaled down to 2:18 (three alignment stints). Not measured on the default model.
+Lisa's trainer leaves out the proximal term for the first 10% of the steps; here it is always on.
+"""
+import torch
+
+from methods.base import Method, collate, nll
+
+
+class Lisa(Method):
+    name = "lisa"
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--lisa-align-steps", type=int, default=2, help="K1, optimizer steps on the safety memory per cycle (default 2)")
+        parser.add_argument("--lisa-user-steps", type=int, default=18, help="K2, optimizer steps on the user data per cycle (default 18)")
+        parser.add_argument("--lisa-rho", type=float, default=1.0, help="rho of the proximal term (default 1.0)")
+
+    def __init__(self, args):
+        super().__init__(args)
+        if args.lisa_align_steps < 0 or args.lisa_user_steps < 0 or args.lisa_align_steps + args.lisa_user_steps == 0:
+            raise ValueError("--lisa-align-steps and --lisa-user-steps must be >= 0 and not both 0")
+
+    def state_at(self, step):
+        """'align' or 'user' for optimizer step `step` (0-based) of the task."""
+        k1, k2 = self.args.lisa_align_steps, self.args.lisa_user_steps
+        return "align" if step % (k1 + k2) < k1 else "user"
+
+    def begin_task(self, model, task, memory):
+        super().begin_task(model, task, memory)
+        self.step, self.micro, self.state = 0, 0, None
+
+    def loss(self, model, batch):
+        if self.micro == 0 and self.state_at(self.step) != self.state:  # a new state: w_switch = w now
+            self.state = self.state_at(self.step)
+            self.anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        self.micro += 1
+        if self.state == "align":
+            b = collate(self.sample_memory(len(batch["idx"])), device=batch["idx"].device)
+            loss = batch["frac"] * nll(model, b)  # its own tokens: a memory batch is its own mean
+        else:
+            loss = super().loss(model, batch)
+        # the penalty belongs to the step, not the micro-batch: frac sums to 1 over the accumulation
+        return loss + self.args.lisa_rho / 2 * batch["frac"] * self.proximal(model)
+
+    def proximal(self, model):
+        """||w - w_switch||^2 over the trainable parameters, in fp32."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.autocast(params[0].device.type, enabled=False):
+            return sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, self.anchor))
+
+    def after_backward(self, model):
+        self.step += 1  # once per optimizer step; the switch itself waits for the next step's first loss,
+        self.micro = 0  # so that w_switch is taken after this step's update

@@ -1,0 +1,101 @@
+"""MagMax: model merging by maximum magnitude (Marczak et al., ECCV 2024, "MagMax: Leveraging Model
+Merging for Seamless Continual Learning").
+
+    tau_safe = W_aligned - W_base            the provider's safety alignment, a task vector
+    tau_user = delta W = (alpha / r) B A     the user's fine-tuning (the merged LoRA delta)
+    tau      = per entry, whichever of tau_safe, tau_user has the larger magnitude (ties: tau_safe)
+    W        = W_base + lambda * tau                                       (lambda: --magmax-scale 1.0)
+
+Training is plain SFT; the merge runs in end_task, over every weight of the model (where there is no
+LoRA, tau_user = 0 and the entry is W_base + lambda * tau_safe: the aligned weight when lambda = 1).
+The merged weights go into the frozen weights and the LoRA's B is zeroed, so the model in memory is the
+merged one and train.py saves a merged checkpoint (changes_base_weights). Each further task merges its
+own delta into the running result (max magnitude is associative, so a sequence of tasks gives the
+MagMax of all their vectors; lambda is applied once). It needs the unaligned checkpoint theta_base:
+--base-model (default: the default experiment's SmolLM2-135M-Instruct; required with --model).
+
+tau_user here is the user's delta, the merge of the safety vector with the user's vector that
+paper.md describes. MagMax itself fine-tunes sequentially and takes each task vector from theta_0,
+tau_user = W_user - W_base = tau_safe + delta W: --magmax-cumulative uses that form. lambda: paper.md
+gives none; 1.0 keeps an untouched entry at its aligned value. The same merge for a finished run:
+
+    python -m methods.magmax --model ALIGNED --base BASE --adapter RUN/adapter --out DIR [--scale 1.0]
+"""
+import argparse
+
+import torch
+
+import lora
+from methods.base import Method, add_base_model_arg, base_model_dir, base_weights
+
+
+class MagMax(Method):
+    name = "magmax"
+    changes_base_weights = True
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--magmax-scale", type=float, default=1.0, help="lambda, the merged vector's scale (default 1.0)")
+        parser.add_argument("--magmax-cumulative", action="store_true",
+                            help="tau_user = W_user - W_base (MagMax's sequential form) instead of the LoRA delta")
+        add_base_model_arg(parser)
+
+    def __init__(self, args):
+        super().__init__(args)
+        if args.magmax_scale <= 0:
+            raise ValueError(f"--magmax-scale must be positive, got {args.magmax_scale}")
+        self.base_dir = base_model_dir(args)
+        self.prior_scale = 1.0  # the aligned model is W_base + 1 * tau_safe
+
+    def end_task(self, model):
+        merge(model, base_weights(model, self.base_dir), self.args.magmax_scale, self.args.magmax_cumulative, self.prior_scale)
+        self.prior_scale = self.args.magmax_scale
+
+
+def max_magnitude(a, b):
+    """Per entry, the one of a, b with the larger magnitude (a on ties)."""
+    return torch.where(b.abs() > a.abs(), b, a)
+
+
+@torch.no_grad()
+def merge(model, base, scale=1.0, cumulative=False, prior_scale=1.0):
+    """W <- W_base + scale * maxmag(tau, tau_user) for every weight, in place; the LoRAs are zeroed after.
+
+    base: theta_base's tensors by parameter name (methods.base.base_weights). tau = (W - W_base) / prior_scale
+    is the model's own task vector (tau_safe for the aligned model); tau_user its LoRA delta, or
+    tau + delta with `cumulative`.
+    """
+    lora.unmerge(model)
+    layers = {f"{n}.weight": m for n, m in lora.lora_layers(model)}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        w_base = base[name].to(p.device, torch.float32)
+        tau = (p.float() - w_base) / prior_scale
+        if name in layers:
+            delta = layers[name].delta().float()
+            tau = max_magnitude(tau, tau + delta if cumulative else delta)
+        p.copy_((w_base + scale * tau).to(p.dtype))
+    for m in layers.values():  # the delta now lives in the weights
+        m.lora_B.weight.zero_()
+    return model
+
+
+def main(argv=None):
+    from model import Transformer
+    p = argparse.ArgumentParser(description="MagMax-merge a finished run's LoRA with the safety vector; write a merged checkpoint.")
+    p.add_argument("--model", required=True, help="the aligned checkpoint the run started from")
+    p.add_argument("--base", required=True, help="the unaligned checkpoint the aligned one was trained from")
+    p.add_argument("--adapter", required=True, help="the run's adapter directory (OUT/adapter)")
+    p.add_argument("--out", required=True, help="where to write the merged checkpoint")
+    p.add_argument("--scale", type=float, default=1.0, help="lambda (default 1.0)")
+    p.add_argument("--cumulative", action="store_true", help="tau_user = W_user - W_base instead of the LoRA delta")
+    args = p.parse_args(argv)
+    model = lora.load_adapter(Transformer.from_pretrained(args.model), args.adapter)
+    merge(model, base_weights(model, args.base), args.scale, args.cumulative)
+    model.save_pretrained(args.out, tokenizer_from=args.model)
+    print(f"wrote the MagMax merge (scale {args.scale}) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
