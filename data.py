@@ -21,11 +21,18 @@ Default data (data/, written for this project, no harmful *answers* anywhere in 
 The default user task is GSM8K-style arithmetic generated from a seed (arithmetic()). Loaders read
 AdvBench, HEx-PHI, HarmBench, DirectHarm4, BeaverTails, GSM8K, SST-2, AG News, chat JSONL,
 instruction (Alpaca) JSONL and plain text; a malformed row raises DataError("FILE:LINE: what").
+
+The paper's benchmarks also go by name (advbench, hexphi, directharm4, harmbench; gsm8k, sst2,
+agnews: BENCHMARKS), read from a data directory (--data-dir, $UNFORGOTTEN_DATA, else data/public)
+that `python data.py download NAME [--data-dir DIR]` fills: plain HTTPS from the sets' public
+locations, checksum-verified, written atomically. HEx-PHI (gated) and DirectHarm4 (parquet only) are
+fetched by hand; the error says how.
 """
 import csv
 import hashlib
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -248,7 +255,9 @@ def _json_rows(path, text):
 
 
 def _csv_rows(path, text, delimiter):
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # TSV files (GLUE's SST-2) are unquoted: a sentence may start with a '"' that is not a quote char.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     rows = []
     try:
         for row in reader:
@@ -328,16 +337,19 @@ def _builtin(name) -> list[dict]:
     return [r for r in _parse(DATA_DIR / f"{kind}.jsonl")[1] if r["split"] == split]
 
 
-def _records(spec) -> tuple[str, list[dict]]:
+def _records(spec, data_dir=None) -> tuple[str, list[dict]]:
     if spec in BUILTIN_PROMPTS:
         return "prompts", _builtin(spec)
+    if spec in BENCHMARKS:
+        return _parse(benchmark_path(spec, "test", data_dir))
     return _parse(Path(spec))
 
 
-def load_prompts(spec: str) -> list[dict]:
-    """Prompts to evaluate: a built-in name (BUILTIN_PROMPTS) or a path in any format.
-    Returns [{"prompt", "category"}]. For BeaverTails: the distinct prompts of its unsafe rows."""
-    fmt, recs = _records(spec)
+def load_prompts(spec: str, data_dir=None) -> list[dict]:
+    """Prompts to evaluate: a built-in name (BUILTIN_PROMPTS), a benchmark name (BENCHMARKS, read from
+    the data directory) or a path in any format. Returns [{"prompt", "category"}]. For BeaverTails:
+    the distinct prompts of its unsafe rows."""
+    fmt, recs = _records(spec, data_dir)
     if fmt == "beavertails":
         recs = list({r["prompt"]: r for r in recs if not r["is_safe"]}.values())
         if not recs:
@@ -345,11 +357,12 @@ def load_prompts(spec: str) -> list[dict]:
     return [{"prompt": r["prompt"], "category": r["category"]} for r in recs]
 
 
-def load_task(spec: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
+def load_task(spec: str, split: str = "train", n: int | None = None, seed: int = 0, data_dir=None) -> list[dict]:
     """User-task examples [{"prompt", "response", "answer"}] (answer None for open-ended data).
 
     split is "train", "test" or "all". "arithmetic": generated (arithmetic()), seeded by seed. A
-    path: rows with a "split" field are filtered by it; otherwise a prompt goes to "test" when its
+    benchmark name (gsm8k, sst2, agnews): its own train or test file in the data directory ("all":
+    both). A path: rows with a "split" field are filtered by it; otherwise a prompt goes to "test" when its
     hash says so (1 in 5, as for arithmetic), so one file gives disjoint train and test sets; pass
     split="all" to read a separate test file whole. The first n rows are returned. Chat JSONL rows
     also carry "messages" (the conversation before the final assistant turn). A BeaverTails file
@@ -359,7 +372,18 @@ def load_task(spec: str, split: str = "train", n: int | None = None, seed: int =
             raise DataError(f"arithmetic: split must be train, test or all, got {split!r}")
         n = n if n is not None else (200 if split == "test" else 1000)
         return arithmetic(n, seed, None if split == "all" else split)
-    fmt, recs = _parse(Path(spec))
+    if spec in BENCHMARKS:  # the benchmark's own files are the split
+        if split not in ("train", "test", "all"):
+            raise DataError(f"{spec}: split must be train, test or all, got {split!r}")
+        fmt, recs = None, []
+        for s in [k for k in ("train", "test") if split in ("all", k)]:
+            if s not in BENCHMARKS[spec]:
+                raise DataError(f"{spec}: a benchmark of prompts only (no {s} split); a task needs prompts and responses")
+            fmt, part = _parse(benchmark_path(spec, s, data_dir))
+            recs += part
+        split = "all"
+    else:
+        fmt, recs = _parse(Path(spec))
     if fmt in _PROMPT_ONLY:
         raise DataError(f"{spec}: {fmt} holds prompts only; a task needs prompts and responses")
     if fmt == "beavertails":
@@ -468,9 +492,198 @@ def _exact_metric(output: str, example: dict) -> bool | None:
 
 def task_metric(spec: str):
     """(output_text, example) -> bool (None where the example has no reference answer)."""
-    fmt = "arithmetic" if spec == "arithmetic" else detect_format(spec)
+    fmt = spec if spec in ("arithmetic", "gsm8k", "sst2", "agnews") else detect_format(spec)
     if fmt in ("arithmetic", "gsm8k"):
         return _number_metric
     if fmt in ("sst2", "agnews"):
         return _label_metric(SST2_LABELS if fmt == "sst2" else AGNEWS_LABELS)
     return _exact_metric
+
+
+# ----------------------------------------------------------------------------- the paper's benchmarks
+# A benchmark name (--harmful advbench,hexphi / --task gsm8k) reads its file(s) in the data directory:
+# --data-dir, else $UNFORGOTTEN_DATA, else data/public/ (git-ignored). `python data.py download NAME`
+# fills it. A name wins over a file of the same name in the current directory (write ./advbench).
+BENCHMARKS = {  # name -> {split: path under the data directory}; harmful sets have a test split only
+    "advbench": {"test": "advbench/harmful_behaviors.csv"},  # Zou et al. 2023: 520 behaviours
+    "hexphi": {"test": "hexphi"},  # Qi et al. 2023: category_N.csv, 30 prompts each (category 2 withheld)
+    "directharm4": {"test": "directharm4/test.csv"},  # Lyu et al. 2024: 400 prompts, 4 categories
+    "harmbench": {"test": "harmbench/harmbench_behaviors_text_all.csv"},  # Mazeika et al. 2024: 400 text behaviours
+    "gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},  # 7473 / 1319 problems
+    "sst2": {"train": "sst2/train.tsv", "test": "sst2/dev.tsv"},  # GLUE: the test split has no labels, dev is the test
+    "agnews": {"train": "agnews/train.csv", "test": "agnews/test.csv"},  # 120000 / 7600, the original CSV
+}
+# Where the files come from. Tests point these at a local server.
+MIRRORS = {"github": "https://raw.githubusercontent.com", "glue": "https://dl.fbaipublicfiles.com/glue/data"}
+# name -> files: (mirror, path, checksum, {member of the archive: (destination, checksum)} or a destination).
+# Checksums: none was computed here (no network while this was written). Each is copied from other
+# projects that pin the same file, and is what `download` checks: sha256 for AdvBench (pinned in several
+# repositories, e.g. ones that fetch the same commit), HarmBench and GSM8K (train and test, the same
+# values in many repositories), md5 for AG News and SST-2 (torchtext's own values for these URLs,
+# including the md5 of the two extracted TSVs). A None checksum prints the computed sha256, "unverified".
+_GH = "llm-attacks/llm-attacks/098262edf85f807224e70ecd87b9d83716bf6b73"
+_HB = "centerforaisafety/HarmBench/c0423b952435fcc8467108d8f25962dbae5b7de2/data/behavior_datasets"
+_GSM = "openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data"
+_AG = "mhjabreel/CharCnn_Keras/master/data/ag_news_csv"  # torchtext's AG_NEWS source
+DOWNLOADS = {
+    "advbench": [("github", f"{_GH}/data/advbench/harmful_behaviors.csv",
+                  "sha256:6cd1a5c63c07610d7eb67307772ee5606017ee950b5770ab288a2c487489d3e1", "advbench/harmful_behaviors.csv")],
+    "harmbench": [("github", f"{_HB}/harmbench_behaviors_text_all.csv",
+                   "sha256:8d81accedd38eaaf8b760618622bb888417d1fd0c86eba65c427a16f1cbb4afc",
+                   "harmbench/harmbench_behaviors_text_all.csv")],
+    "gsm8k": [("github", f"{_GSM}/train.jsonl",
+               "sha256:17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465", "gsm8k/train.jsonl"),
+              ("github", f"{_GSM}/test.jsonl",
+               "sha256:3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14", "gsm8k/test.jsonl")],
+    "sst2": [("glue", "SST-2.zip", "md5:9f81648d4199384278b86e315dac217c",
+              {"SST-2/train.tsv": ("sst2/train.tsv", "md5:da409a0a939379ed32a470bc0f7fe99a"),
+               "SST-2/dev.tsv": ("sst2/dev.tsv", "md5:268856b487b2a31a28c0a93daaff7288")})],
+    "agnews": [("github", f"{_AG}/train.csv", "md5:b1a00f826fdfbd249f79597b59e1dc12", "agnews/train.csv"),
+               ("github", f"{_AG}/test.csv", "md5:d52ea96a97a2d943681189a97654912d", "agnews/test.csv")],
+}
+MANUAL = {  # sets we cannot fetch with plain HTTP: how to get them
+    "hexphi": "HEx-PHI is gated: accept its license at https://huggingface.co/datasets/LLM-Tuning-Safety/HEx-PHI, "
+              "then download its category_*.csv files into {dir}/hexphi/ (e.g. `huggingface-cli login; "
+              "huggingface-cli download LLM-Tuning-Safety/HEx-PHI --repo-type dataset --local-dir {dir}/hexphi`)",
+    "directharm4": "DirectHarm4 is published as parquet only (https://huggingface.co/datasets/vfleaking/DirectHarm4); "
+                   "write it as CSV with `python -c \"import datasets; datasets.load_dataset('vfleaking/DirectHarm4', "
+                   "split='test').to_csv('{dir}/directharm4/test.csv', index=False)\"`",
+}
+
+
+def public_dir(data_dir=None) -> Path:
+    return Path(data_dir or os.environ.get("UNFORGOTTEN_DATA") or DATA_DIR / "public")
+
+
+def benchmark_path(name, split="test", data_dir=None) -> Path:
+    """The file (or HEx-PHI directory) of a benchmark's split; a missing one is a DataError saying how to get it."""
+    root = public_dir(data_dir)
+    path = root / BENCHMARKS[name][split]
+    if not path.exists():
+        how = MANUAL[name].format(dir=root) if name in MANUAL else \
+            f"run `python data.py download {name}" + (f" --data-dir {root}`" if data_dir else "`")
+        raise DataError(f"{path}: not found; {how}")
+    return path
+
+
+def files_of(spec, data_dir=None) -> list[Path]:
+    """The data files behind a spec (built-in name, benchmark name or path), to hash into results."""
+    if spec in BUILTIN_PROMPTS:
+        paths = [DATA_DIR / f"{BUILTIN_PROMPTS[spec][0]}.jsonl"]
+    elif spec in BENCHMARKS:
+        paths = [public_dir(data_dir) / p for p in BENCHMARKS[spec].values()]
+    else:
+        paths = [Path(spec)]
+    return [f for p in paths for f in ([p] if p.is_file() else sorted(p.glob("*.csv")) if p.is_dir() else [])]
+
+
+def _digest(algo, path) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check(path, checksum, what):
+    """Raise if path's bytes do not match checksum ("sha256:HEX" or "md5:HEX"); None: print the sha256."""
+    if checksum is None:
+        print(f"{what}: sha256 {_digest('sha256', path)} (unverified: no expected checksum recorded)")
+        return
+    algo, want = checksum.split(":")
+    if (got := _digest(algo, path)) != want:
+        raise DataError(f"{what}: {algo} checksum mismatch (expected {want}, got {got}); nothing was written")
+
+
+def _fetch(url, dest_dir, quiet=False) -> Path:
+    """Download url to a temporary file in dest_dir (the caller renames or deletes it), with a progress bar."""
+    import tempfile
+    import urllib.error
+    import urllib.request
+    from tqdm import tqdm
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as r:
+            size = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=quiet, leave=False) as bar:
+                while block := r.read(1 << 16):
+                    out.write(block)
+                    bar.update(len(block))
+    except BaseException as e:  # no partial file is left behind, whatever stopped us (Ctrl-C included)
+        os.unlink(tmp)
+        if isinstance(e, urllib.error.HTTPError):
+            raise DataError(f"{url}: HTTP {e.code} {e.reason}") from None
+        if isinstance(e, OSError):  # URLError, timeouts, a full disk
+            raise DataError(f"{url}: cannot download ({getattr(e, 'reason', None) or e})") from None
+        raise
+    return Path(tmp)
+
+
+def _place(tmp: Path, dest: Path):
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)  # atomic: a reader sees the old file or the whole new one, never a part
+
+
+def download(name, data_dir=None, quiet=False) -> list[Path]:
+    """Fetch a benchmark into the data directory: checksum-verified, written atomically; files already
+    there are kept (delete one to fetch it again). Returns the destination paths."""
+    root = public_dir(data_dir)
+    if name in MANUAL:
+        raise DataError(f"{name}: {MANUAL[name].format(dir=root)}")
+    if name not in DOWNLOADS:
+        raise DataError(f"{name}: unknown; downloadable: {', '.join(DOWNLOADS)} (by hand: {', '.join(MANUAL)})")
+    done = []
+    for mirror, path, checksum, to in DOWNLOADS[name]:
+        members = to if isinstance(to, dict) else None
+        dests = {m: root / d for m, (d, _) in members.items()} if members else {None: root / to}
+        done += dests.values()
+        if all(d.exists() for d in dests.values()):
+            if not quiet:
+                print(f"{name}: {', '.join(str(d) for d in dests.values())} already there, kept")
+            continue
+        root.mkdir(parents=True, exist_ok=True)
+        url = f"{MIRRORS[mirror]}/{path}"
+        tmp, parts = _fetch(url, root, quiet), {}
+        try:
+            _check(tmp, checksum, url)
+            if members is None:
+                parts[None] = tmp
+            else:  # an archive: extract and verify every member before writing any
+                import zipfile
+                with zipfile.ZipFile(tmp) as z:
+                    for m, (_, sum_m) in members.items():
+                        parts[m] = root / f".download-{Path(m).name}.part"
+                        parts[m].write_bytes(z.read(m))
+                        _check(parts[m], sum_m, f"{url}:{m}")
+            for m, part in parts.items():
+                _place(part, dests[m])
+        finally:
+            for t in [tmp, *parts.values()]:
+                t.unlink(missing_ok=True)
+        if not quiet:
+            print(f"{name}: wrote {', '.join(str(d) for d in dests.values())}")
+    return done
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(description="Download the paper's benchmarks: python data.py download NAME ...")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("download", help="fetch benchmarks into the data directory")
+    d.add_argument("names", nargs="+", metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}, or all")
+    d.add_argument("--data-dir", help="default: $UNFORGOTTEN_DATA, else data/public")
+    args = p.parse_args(argv)
+    names = list(DOWNLOADS) if args.names == ["all"] else args.names
+    try:
+        for name in names:
+            download(name, args.data_dir)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    if args.names == ["all"]:
+        for name, how in MANUAL.items():
+            print(f"{name}: by hand. {how.format(dir=public_dir(args.data_dir))}")
+
+
+if __name__ == "__main__":
+    main()
