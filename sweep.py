@@ -1,0 +1,323 @@
+"""Run train.py for every method x scenario x seed and build the comparison table ("Unforgotten Safety",
+Alssum et al. 2025, compares CL methods this way: mean over seeds of ASR, over-refusal and task accuracy).
+
+    python sweep.py --methods sft,replay,der --scenarios benign,poisoned --seeds 0,1
+    python sweep.py --methods "sft,der --alpha 1" --seeds 0,1 --n-train 100   # a method entry's own flags
+    python sweep.py --summarize-only                                          # rebuild the table, run nothing
+
+--methods is comma-separated; an entry is a method name, optionally followed by that run's own train.py flags
+("der --alpha 1"; a value cannot contain a comma). Every flag the sweep does not know goes to every run
+(--n-train 100, --model DIR, ...); an entry's flags come after them, so they win. Each run writes
+RESULTS/runs/NAME-SCENARIO-sSEED, NAME being the entry with its flags folded in ("der --alpha 1" -> der_alpha=1),
+and its log RESULTS/runs/.../train.log.
+
+Each run is a subprocess, not a train.main() call: a crash, an out-of-memory kill or GPU memory left behind by one
+run does not take the sweep down or spill into the next run. A failed run is reported, the sweep goes on, and it
+exits non-zero at the end. Starting Python and torch again costs seconds a run; a run costs minutes.
+
+Resuming: run the same command again after a crash, Ctrl-C or SIGTERM. A run whose results.json exists is finished
+(train.py writes it last, atomically) and is skipped; a stopped run (train.py's checkpoint RUN/ckpt/manifest.json) is
+continued with --resume, and if that fails, started over; any other run starts over with --overwrite. Ctrl-C or
+SIGTERM to the sweep reaches the current run as one SIGTERM (train.py writes a checkpoint, then stops; a second
+one stops it at once), and the sweep stops after it.
+One RESULTS directory holds one setting: RESULTS/settings.json keeps the shared train.py settings (everything but
+the method, its flags, scenario and seed) of the first sweep, and a sweep with other settings is refused, so
+finished runs are never reused for other flags and a table never mixes settings.
+
+After every sweep, from every finished run under RESULTS/runs (atomic writes):
+  summary.csv          one row per run
+  summary.md           per method entry x scenario: mean ± sample standard deviation (n-1) over seeds, and the
+                       starting model's row (a single seed shows its value alone)
+  safety_utility.png   ASR (x) vs task accuracy (y), mean and std error bars; skipped if matplotlib is missing
+"""
+import argparse
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import train
+from methods import METHODS
+from model import atomic_write, write_json
+
+TRAIN = Path(__file__).resolve().parent / "train.py"
+SET_BY_SWEEP = ("--method", "--scenario", "--seed", "--out", "--overwrite", "--resume")
+NOT_SETTINGS = {"method", "scenario", "seed", "out", "overwrite", "resume", "ckpt_every", "stop_after", "device",
+                "compile"}  # train.py flags that may differ between runs of one table
+METRICS = ("asr", "over_refusal", "task_accuracy")
+LABELS = ("ASR", "over-refusal", "task acc")
+COLUMNS = ["method", "scenario", "seed", "poison_ratio", *METRICS, *(f"start_{k}" for k in METRICS),
+           "train_seconds", "total_seconds", "out"]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Run train.py over methods x scenarios x seeds; write the table.",
+                                epilog="Any other flag is passed to every train.py run.", allow_abbrev=False)
+    p.add_argument("--methods", default="sft,replay,der",
+                   help='comma-separated method entries, each with its own train.py flags if any: "sft,der --alpha 1"')
+    p.add_argument("--scenarios", default="benign,poisoned", help="comma-separated (default benign,poisoned)")
+    p.add_argument("--seeds", default="0", help="comma-separated integers (default 0)")
+    p.add_argument("--results", default="results", help="results directory (default results/)")
+    p.add_argument("--summarize-only", action="store_true", help="rebuild the table and plot from finished runs")
+    args, rest = p.parse_known_args(argv)  # allow_abbrev=False: --seed is not taken for --seeds; it is refused below
+    args.results = Path(args.results)
+    if args.summarize_only and rest:
+        p.error(f"--summarize-only runs nothing: {' '.join(rest)} would be ignored")
+    return args, rest
+
+
+def run_name(tokens):
+    """['der', '--alpha', '1'] -> 'der_alpha=1': a directory name, different for different flags."""
+    name = tokens[0] + "".join("_" + t[2:] if t.startswith("--") else "=" + t for t in tokens[1:])
+    safe = re.sub(r"[^\w.=+-]", "~", name)  # a path or odd character in a value: keep it unique with a hash
+    return name if safe == name else f"{safe}~{hashlib.sha256(' '.join(tokens).encode()).hexdigest()[:6]}"
+
+
+def check(argv, what):
+    """train.py's own argument check, its error on one line: nothing runs if any planned run is invalid."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return train.get_args(argv)
+    except SystemExit:
+        message = (err.getvalue().strip().splitlines() or ["invalid flags"])[-1]
+        sys.exit(f"error: {what}: {message.split('error: ', 1)[-1]}")
+
+
+def plan(args, rest):
+    """[(out_dir, train.py argv)] for every method entry x scenario x seed, each checked by train.py's parser."""
+    entries = [shlex.split(e) for e in args.methods.split(",") if e.strip()]
+    scenarios = list(dict.fromkeys(s.strip() for s in args.scenarios.split(",") if s.strip()))
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))
+    except ValueError:
+        sys.exit(f"error: --seeds {args.seeds!r}: comma-separated integers expected")
+    if not entries or not scenarios:
+        sys.exit("error: --methods and --scenarios must name at least one each")
+    for flag in rest + [t for tokens in entries for t in tokens[1:]]:
+        if flag.split("=")[0] in SET_BY_SWEEP:
+            sys.exit(f"error: {flag.split('=')[0]} is set by the sweep: use --methods, --scenarios, --seeds, --results")
+    names = [run_name(tokens) for tokens in entries]
+    if len(set(names)) < len(names):
+        sys.exit(f"error: --methods {args.methods!r}: an entry is given twice")
+    runs = []
+    for tokens, name in zip(entries, names):
+        for scenario in scenarios:
+            for seed in seeds:
+                out = args.results / "runs" / f"{name}-{scenario}-s{seed}"
+                argv = [*rest, *tokens[1:], "--method", tokens[0], "--scenario", scenario, "--seed", str(seed),
+                        "--out", str(out)]
+                check(argv, f"run {out.name}")
+                runs.append((out, argv))
+    # the shared settings: what --methods' entries, --scenarios and --seeds do not set
+    keys = set(vars(train.get_args([]))) - NOT_SETTINGS
+    config = vars(check([*rest, "--method", entries[0][0]], "flags"))
+    settings = json.loads(json.dumps({k: v for k, v in config.items() if k in keys}))
+    path = args.results / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [f"{k} {old[k]!r} -> {v!r}" for k, v in settings.items() if k in old and old[k] != v]
+        if diff:
+            sys.exit(f"error: {args.results} holds runs with other settings ({'; '.join(diff)}): use another --results")
+    write_json(path, settings)
+    return runs
+
+
+def last_line(path):
+    lines = [l.strip() for l in re.split(r"[\r\n]", path.read_text(errors="replace")) if l.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def run_train(argv, log):
+    """train.py in its own session (the terminal's Ctrl-C reaches only the sweep); returns its exit status.
+
+    Ctrl-C or SIGTERM to the sweep is passed on as one SIGTERM per signal; the sweep waits for train.py to stop,
+    then raises KeyboardInterrupt."""
+    log.write(f"\n$ {shlex.join([Path(sys.executable).name, TRAIN.name, *argv])}\n")
+    log.flush()
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *argv], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    stop = []
+
+    def forward(signum, frame):
+        stop.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    catch = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if catch else {}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if stop:
+        raise KeyboardInterrupt
+    return rc
+
+
+def sweep(runs):
+    """Run what is not finished yet; returns the names of the failed runs."""
+    failed = []
+    todo = sum(not (out / "results.json").exists() for out, _ in runs)
+    print(f"sweep: {len(runs)} runs, {len(runs) - todo} finished, {todo} to run")
+    for i, (out, argv) in enumerate(runs, 1):
+        tag = f"[{i}/{len(runs)}] {out.name}"
+        if (out / "results.json").exists():
+            print(f"{tag}: finished, skipped")
+            continue
+        stopped = (out / "ckpt" / "manifest.json").exists()
+        print(f"{tag}: {'resuming' if stopped else 'running'}, log {out / 'train.log'}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(out / "train.log", "a") as log:  # every attempt's output, each after its command line
+            rc = run_train([*argv, "--resume" if stopped else "--overwrite"], log)
+            if rc and stopped:  # e.g. the checkpoint does not fit these flags: train.py said why in the log
+                print(f"{tag}: resuming failed ({last_line(out / 'train.log')}); starting over", flush=True)
+                rc = run_train([*argv, "--overwrite"], log)
+        if rc == 0 and (out / "results.json").exists():
+            r = json.loads((out / "results.json").read_text())
+            metrics = ", ".join(f"{label} {pct(r.get(k))}" for k, label in zip(METRICS, LABELS))
+            print(f"{tag}: done in {time.time() - t0:.0f}s: {metrics}")
+        else:
+            failed.append(out.name)
+            print(f"{tag}: FAILED (exit {rc}): {last_line(out / 'train.log')}")
+    return failed
+
+
+def pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def collect(results):
+    """One row per finished run under RESULTS/runs, ordered by scenario, then methods' registry order."""
+    rows = []
+    for path in (results / "runs").glob("*/results.json"):
+        r = json.loads(path.read_text())
+        suffix, name = f"-{r['scenario']}-s{r['seed']}", path.parent.name
+        row = {"method": name[: -len(suffix)] if name.endswith(suffix) else name, "scenario": r["scenario"],
+               "seed": r["seed"], "poison_ratio": r.get("poison_ratio"), **{k: r.get(k) for k in METRICS},
+               **{f"start_{k}": r.get("start", {}).get(k) for k in METRICS}, "train_seconds": r.get("train_seconds"),
+               "total_seconds": r.get("total_seconds"), "out": str(path.parent)}
+        order = list(METHODS).index(r["method"]) if r.get("method") in METHODS else len(METHODS)
+        rows.append(((row["scenario"], order, row["method"], row["seed"]), row))
+    return [row for _, row in sorted(rows, key=lambda kr: kr[0])]
+
+
+def stats(values, scale=100):
+    """(mean, sample std, n) of the values that are not None; std 0 for a single value; None if none."""
+    v = [scale * x for x in values if x is not None]
+    if not v:
+        return None
+    return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)
+
+
+def fmt(values, scale=100, digits=1):
+    s = stats(values, scale)
+    if s is None:
+        return "-"
+    return f"{s[0]:.{digits}f}" if s[2] == 1 else f"{s[0]:.{digits}f} ± {s[1]:.{digits}f}"
+
+
+def groups_of(rows):
+    """{(method entry, scenario): [rows over seeds]} and the starting model's rows (one per seed)."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["scenario"]), []).append(row)
+    start = list({row["seed"]: {k: row[f"start_{k}"] for k in METRICS} for row in rows}.values())
+    return groups, start
+
+
+def markdown(rows, results):
+    groups, start = groups_of(rows)
+    lines = [f"{len(rows)} runs under {results / 'runs'}; mean ± sample standard deviation (n-1) over seeds "
+             "(a single seed: its value). Percentages; train time in seconds.", "",
+             "| method | scenario | seeds | ASR % | over-refusal % | task acc % | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for (method, scenario), rs in [(("starting model", "-"), start), *groups.items()]:
+        cells = [fmt([r[k] for r in rs]) for k in METRICS]
+        seconds = "-" if method == "starting model" else fmt([r["train_seconds"] for r in rs], 1, 0)
+        lines.append(f"| {method} | {scenario} | {len(rs)} | {' | '.join(cells)} | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    """ASR vs task accuracy, one marker per method entry (colour) and scenario (shape), std error bars."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name} (pip install matplotlib); the table is written")
+        return False
+    groups, start = groups_of(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    colours = {}
+    for (method, scenario), rs in [(("starting model", "-"), start), *groups.items()]:
+        x, y = stats([r["asr"] for r in rs]), stats([r["task_accuracy"] for r in rs])
+        if x is None or y is None:
+            continue
+        colour = "black" if method == "starting model" else colours.setdefault(method, f"C{len(colours) % 10}")
+        ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], color=colour, capsize=3, linestyle="none",
+                    marker={"-": "*", "benign": "o", "poisoned": "^"}.get(scenario, "s"),
+                    markersize=11 if scenario == "-" else 8,
+                    label=method if scenario == "-" else f"{method} ({scenario})")
+    ax.set_xlabel("attack success rate % (lower is safer)")
+    ax.set_ylabel("task accuracy %")
+    ax.set_title("safety vs utility (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return True
+
+
+def summarize(results):
+    """summary.csv, summary.md and safety_utility.png from every finished run; returns the markdown."""
+    rows = collect(results)
+    if not rows:
+        print(f"no finished runs under {results / 'runs'}: no summary")
+        return None
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(results / "summary.csv", buf.getvalue().encode())
+    table = markdown(rows, results)
+    atomic_write(results / "summary.md", table.encode())
+    written = ["summary.csv", "summary.md"]
+    if plot(rows, results / "safety_utility.png"):
+        written.append("safety_utility.png")
+    print(f"\n{table}\nwrote {', '.join(str(results / w) for w in written)}")
+    return table
+
+
+def main(argv=None):
+    args, rest = get_args(argv)
+    if args.summarize_only:
+        if summarize(args.results) is None:
+            sys.exit(1)
+        return
+    runs = plan(args, rest)
+    try:
+        failed = sweep(runs)
+    except KeyboardInterrupt:
+        sys.exit("stopped: run the same command again to go on")
+    summarize(args.results)
+    if failed:
+        sys.exit(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)} (see their train.log)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""sweep.py: a grid of train.py runs on a tiny model, resuming, a failed run, the summary's arithmetic, bad input."""
+import csv
+import importlib.util
+import json
+import os
+import statistics
+import sys
+
+import pytest
+
+import sweep
+import train
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "formats")
+FAST = ["--n-train", "4", "--n-test", "2", "--epochs", "1", "--batch-size", "4", "--max-new-tokens", "2",
+        "--harmful", os.path.join(FIX, "advbench.csv"), "--sensitive", os.path.join(FIX, "prompts.txt"),
+        "--poison-data", os.path.join(FIX, "instruction.jsonl")]
+
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # optional: the plot is skipped without it
+
+
+def md_cells(md, method, scenario):
+    """The cells after `method | scenario` of the one table row for them."""
+    rows = [line for line in md.splitlines() if line.startswith(f"| {method} | {scenario} |")]
+    assert len(rows) == 1, (method, scenario, md)
+    return [c.strip() for c in rows[0].strip("|").split("|")][2:]
+
+
+def mean_std(values, scale=100, digits=1):
+    v = [scale * float(x) for x in values]
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+
+def test_sweep_runs_summarizes_and_resumes(tiny_checkpoint, tmp_path, capsys):
+    results = tmp_path / "results"
+    argv = ["--methods", "sft,replay --replay-ratio 0.5", "--scenarios", "poisoned", "--seeds", "0,1",
+            "--results", str(results), "--model", str(tiny_checkpoint), *FAST]
+    sweep.main(argv)
+    names = {f"{m}-poisoned-s{seed}" for m in ("sft", "replay_replay-ratio=0.5") for seed in (0, 1)}
+    assert {p.name for p in (results / "runs").iterdir()} == names
+    replay = json.loads((results / "runs" / "replay_replay-ratio=0.5-poisoned-s1" / "results.json").read_text())
+    assert replay["config"]["replay_ratio"] == 0.5 and replay["seed"] == 1 and replay["config"]["n_train"] == 4
+
+    with open(results / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == sweep.COLUMNS
+    assert [(r["method"], r["seed"]) for r in rows] == [("sft", "0"), ("sft", "1"), ("replay_replay-ratio=0.5", "0"),
+                                                        ("replay_replay-ratio=0.5", "1")]
+    for r in rows:
+        res = json.loads(open(os.path.join(r["out"], "results.json")).read())
+        assert r["scenario"] == "poisoned" and float(r["poison_ratio"]) == 0.1
+        for k in ("asr", "over_refusal", "task_accuracy"):
+            assert float(r[k]) == res[k] and float(r[f"start_{k}"]) == res["start"][k]
+    md = (results / "summary.md").read_text()
+    for method in ("sft", "replay_replay-ratio=0.5"):
+        group = [r for r in rows if r["method"] == method]
+        assert md_cells(md, method, "poisoned") == ["2", mean_std([r["asr"] for r in group]),
+                                                    mean_std([r["over_refusal"] for r in group]),
+                                                    mean_std([r["task_accuracy"] for r in group]),
+                                                    mean_std([r["train_seconds"] for r in group], 1, 0)]
+    start = {r["seed"]: r for r in rows}.values()
+    assert md_cells(md, "starting model", "-")[:2] == ["2", mean_std([r["start_asr"] for r in start])]
+    assert (results / "safety_utility.png").exists() == HAS_MATPLOTLIB
+    assert "| sft | poisoned | 2 |" in capsys.readouterr().out  # the table is printed
+
+    # again: nothing finished runs again; a run directory without results.json runs again
+    unfinished = results / "runs" / "sft-poisoned-s1"
+    (unfinished / "results.json").unlink()
+    mtimes = {n: (results / "runs" / n / "results.json").stat().st_mtime_ns for n in names - {unfinished.name}}
+    sweep.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("finished, skipped") == 3 and "[2/4] sft-poisoned-s1: done" in out
+    assert (unfinished / "results.json").exists()
+    assert mtimes == {n: (results / "runs" / n / "results.json").stat().st_mtime_ns for n in mtimes}
+
+    # other shared settings in the same results directory: refused before anything runs
+    with pytest.raises(SystemExit) as e:
+        sweep.main([*argv, "--n-train", "5"])
+    assert "other settings" in str(e.value.code) and "n_train 4 -> 5" in str(e.value.code)
+
+
+def test_a_failed_run_is_reported_and_the_sweep_goes_on(tiny_checkpoint, tmp_path, capsys):
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--methods", f"sft --task {tmp_path / 'missing.jsonl'},sft", "--scenarios", "benign",
+                    "--results", str(results), "--model", str(tiny_checkpoint), *FAST])
+    assert str(e.value.code).startswith("1 of 2 runs failed")
+    assert "FAILED" in capsys.readouterr().out
+    good = results / "runs" / "sft-benign-s0"
+    [bad] = [p for p in (results / "runs").iterdir() if p != good]
+    assert bad.name.startswith("sft_task=") and bad.name in str(e.value.code)
+    assert not (bad / "results.json").exists() and "missing.jsonl" in (bad / "train.log").read_text()
+    assert (good / "results.json").exists()
+    assert len((results / "summary.csv").read_text().splitlines()) == 2  # the header and the finished run
+
+
+@pytest.mark.skipif("resume" not in vars(train.get_args([])), reason="train.py has no --resume")
+def test_a_stopped_run_is_resumed_or_started_over(tiny_checkpoint, tmp_path, capsys):
+    results = tmp_path / "results"
+    argv = ["--methods", "sft", "--scenarios", "benign", "--seeds", "0,1", "--results", str(results),
+            "--model", str(tiny_checkpoint), *FAST, "--n-train", "8", "--ckpt-every", "1"]
+    with pytest.raises(SystemExit) as e:
+        sweep.main([*argv, "--stop-after", "1"])  # both runs stop after one of their two steps
+    assert str(e.value.code).startswith("2 of 2 runs failed")
+    s0, s1 = results / "runs" / "sft-benign-s0", results / "runs" / "sft-benign-s1"
+    assert (s0 / "ckpt" / "manifest.json").exists() and not (s0 / "results.json").exists()
+    (s1 / "ckpt" / "manifest.json").write_text("not json")  # a checkpoint that cannot be resumed
+    capsys.readouterr()
+    sweep.main(argv)
+    out = capsys.readouterr().out
+    assert "[1/2] sft-benign-s0: resuming" in out and "[1/2] sft-benign-s0: done" in out
+    assert "[2/2] sft-benign-s1: resuming failed" in out and "starting over" in out
+    assert "[2/2] sft-benign-s1: done" in out
+    assert (s0 / "results.json").exists() and (s1 / "results.json").exists() and not (s0 / "ckpt").exists()
+    commands = [line for line in (s0 / "train.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2  # each attempt's output follows its command line
+    assert "--stop-after 1" in commands[0] and commands[0].endswith("--overwrite") and commands[1].endswith("--resume")
+    commands = [line for line in (s1 / "train.log").read_text().splitlines() if line.startswith("$ ")]
+    assert [c.split()[-1] for c in commands] == ["--overwrite", "--resume", "--overwrite"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "sft,nope"], "unknown method"),
+    (["--scenarios", "benign,evil"], "invalid choice: 'evil'"),
+    (["--methods", "sft --alpha 1"], "unrecognized arguments: --alpha 1"),
+    (["--seed", "1"], "--seed is set by the sweep"),
+    (["--seeds", "0,x"], "comma-separated integers"),
+])
+def test_bad_input_is_one_line_error_before_anything_runs(tmp_path, argv, message):
+    with pytest.raises(SystemExit) as e:
+        sweep.main([*argv, "--results", str(tmp_path / "results")])
+    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not (tmp_path / "results").exists()
+
+
+def test_run_names_differ_for_different_flags():
+    assert sweep.run_name(["der"]) == "der"
+    assert sweep.run_name(["der", "--alpha", "1"]) == sweep.run_name(["der", "--alpha=1"]) == "der_alpha=1"
+    assert sweep.run_name(["der", "--alpha", "1"]) != sweep.run_name(["der", "--alpha", "2"])
+    a, b = sweep.run_name(["sft", "--task", "a/b.jsonl"]), sweep.run_name(["sft", "--task", "a~b.jsonl"])
+    assert a != b and "/" not in a
+
+
+def write_run(results, name, method, scenario, seed, asr, over_refusal, task_accuracy, start, train_seconds):
+    run = results / "runs" / name
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(dict(
+        method=method, scenario=scenario, seed=seed, poison_ratio=0.1 if scenario == "poisoned" else 0.0, asr=asr,
+        over_refusal=over_refusal, task_accuracy=task_accuracy, train_seconds=train_seconds,
+        total_seconds=train_seconds + 5,
+        start=dict(zip(("asr", "over_refusal", "task_accuracy"), start)))))
+
+
+def test_summary_arithmetic_on_hand_written_results(tmp_path, capsys, monkeypatch):
+    results = tmp_path / "results"
+    write_run(results, "der_alpha=1-poisoned-s0", "der", "poisoned", 0, 0.3, 0.2, None, (0.25, 0.2, 0.1), 30)
+    write_run(results, "sft-benign-s1", "sft", "benign", 1, 0.7, 0.3, 0.1, (0.35, 0.2, 0.1), 20)
+    write_run(results, "der-benign-s0", "der", "benign", 0, 0.3, 0.2, 0.2, (0.25, 0.2, 0.1), 30)
+    write_run(results, "sft-benign-s0", "sft", "benign", 0, 0.5, 0.1, 0.2, (0.25, 0.2, 0.1), 10)
+    (results / "runs" / "unfinished-benign-s0").mkdir()  # no results.json: not in the table
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # not installed: the table is still written
+        sweep.main(["--summarize-only", "--results", str(results)])
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (results / "safety_utility.png").exists()
+
+    with open(results / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    # ordered by scenario, then the registry's method order, then seed
+    assert [(r["method"], r["scenario"], r["seed"]) for r in rows] == [
+        ("sft", "benign", "0"), ("sft", "benign", "1"), ("der", "benign", "0"), ("der_alpha=1", "poisoned", "0")]
+    assert rows[3]["task_accuracy"] == "" and rows[3]["poison_ratio"] == "0.1" and rows[1]["start_asr"] == "0.35"
+    md = (results / "summary.md").read_text()
+    # sft: ASR 50, 70; over-refusal 10, 30; accuracy 20, 10; train 10, 20 s (sample std, n-1)
+    assert md_cells(md, "sft", "benign") == ["2", "60.0 ± 14.1", "20.0 ± 14.1", "15.0 ± 7.1", "15 ± 7"]
+    assert md_cells(md, "der", "benign") == ["1", "30.0", "20.0", "20.0", "30"]  # one seed: its value
+    assert md_cells(md, "der_alpha=1", "poisoned") == ["1", "30.0", "20.0", "-", "30"]
+    # the starting model: one value per seed (seed 0's three runs count once)
+    assert md_cells(md, "starting model", "-") == ["2", "30.0 ± 7.1", "20.0 ± 0.0", "10.0 ± 0.0", "-"]
+
+    if HAS_MATPLOTLIB:
+        sweep.main(["--summarize-only", "--results", str(results)])
+        assert (results / "safety_utility.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summarize_only_without_runs_fails(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--summarize-only", "--results", str(tmp_path)])
+    assert e.value.code
