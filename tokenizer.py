@@ -111,13 +111,25 @@ class Tokenizer:
             if not os.path.exists(f):
                 return {}
             with open(f) as fh:
-                return json.load(fh)
+                try:
+                    return json.load(fh)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{e.lineno}: invalid JSON ({e.msg})") from None
 
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.exists(tok_file):
             raise FileNotFoundError(f"{tok_file} not found")
         tcfg, cfg, gcfg = read("tokenizer_config.json"), read("config.json"), read("generation_config.json")
-        tok = _Tokenizers.from_file(tok_file)
+        try:
+            tok = _Tokenizers.from_file(tok_file)
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise ValueError(f"{tok_file}: cannot read ({e})") from None
+        # A tokenizer with more ids than the model's embedding would index past it; fewer is fine
+        # (many checkpoints pad the embedding to a multiple of 64 or 128).
+        n_ids = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        if isinstance(cfg.get("vocab_size"), int) and n_ids > cfg["vocab_size"]:
+            raise ValueError(f"{tok_file}: token ids go up to {n_ids - 1}, but config.json's vocab_size is "
+                             f"{cfg['vocab_size']}: the tokenizer does not belong to this model")
         name = lambda ids: tok.id_to_token(ids[0]) if ids else None  # config.json ids back to token text
         template = tcfg.get("chat_template") or ""
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]

@@ -1,0 +1,233 @@
+"""Every documented user error is one line starting with "error:" (no traceback), through train.main and eval.main.
+
+Each test breaks a copy of the tiny checkpoint, a data file or a flag and checks the message says what and where.
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import eval as evaluate_cli
+import train
+from model import ModelConfig, Transformer
+from test_train import FAST, FIX
+
+
+@pytest.fixture
+def ckpt(tiny_checkpoint, tmp_path):
+    """A copy of the tiny checkpoint to break."""
+    return shutil.copytree(tiny_checkpoint, tmp_path / "model")
+
+
+def error(main, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def train_error(model, tmp_path, *flags):
+    return error(train.main, ["--model", str(model), "--out", str(tmp_path / "out"), *FAST, *flags])
+
+
+def eval_error(model, *flags):
+    return error(evaluate_cli.main, ["--model", str(model), "--harmful", os.path.join(FIX, "advbench.csv"), "--sensitive", "",
+                                     "--task", "", "--max-new-tokens", "2", *flags])
+
+
+def edit_config(model, **changes):
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+# ---- the checkpoint -------------------------------------------------------------------------------------
+def test_missing_model_directory(tmp_path):
+    assert "tokenizer.json not found" in train_error(tmp_path / "nowhere", tmp_path)
+
+
+def test_missing_config_json(ckpt, tmp_path):
+    (ckpt / "config.json").unlink()
+    assert f"{ckpt / 'config.json'}: not found" in train_error(ckpt, tmp_path)
+
+
+def test_truncated_safetensors(ckpt, tmp_path):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert f"{f}: cannot read safetensors file" in train_error(ckpt, tmp_path)
+    assert f"{f}: cannot read safetensors file" in eval_error(ckpt)
+
+
+def test_corrupt_config_json(ckpt, tmp_path):
+    (ckpt / "config.json").write_text('{"model_type": "llama",')
+    assert "config.json:1: invalid JSON" in train_error(ckpt, tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling type 'yarn' is not supported"),
+    (dict(hidden_act="relu2"), "hidden_act 'relu2' is not supported"),
+    (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
+])
+def test_unsupported_config(ckpt, tmp_path, changes, message):
+    edit_config(ckpt, **changes)
+    assert message in train_error(ckpt, tmp_path)
+
+
+def test_corrupt_tokenizer_json(ckpt, tmp_path):
+    (ckpt / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    assert f"{ckpt / 'tokenizer.json'}: cannot read" in train_error(ckpt, tmp_path)
+
+
+def test_corrupt_tokenizer_config_json(ckpt, tmp_path):
+    (ckpt / "tokenizer_config.json").write_text("{")
+    assert "tokenizer_config.json:1: invalid JSON" in train_error(ckpt, tmp_path)
+
+
+def test_tokenizer_larger_than_the_embedding(ckpt, tmp_path):
+    edit_config(ckpt, vocab_size=100)  # the byte-level tokenizer has 256 bytes + specials
+    assert "config.json's vocab_size is 100: the tokenizer does not belong to this model" in train_error(ckpt, tmp_path)
+    assert "does not belong to this model" in eval_error(ckpt)
+
+
+def test_tokenizer_smaller_than_the_embedding_is_fine(ckpt, tmp_path):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    torch.manual_seed(0)  # an embedding padded to a multiple of 64, as many checkpoints have
+    Transformer(ModelConfig.from_hf({**cfg, "vocab_size": cfg["vocab_size"] // 64 * 64 + 64})).save_pretrained(ckpt)
+    evaluate_cli.main(["--model", str(ckpt), "--harmful", os.path.join(FIX, "advbench.csv"), "--sensitive", "",
+                       "--task", "", "--max-new-tokens", "2"])
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+def test_malformed_data_row(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n')
+    assert f"{bad}:2: missing field 'answer'" in train_error(tiny_checkpoint, tmp_path, "--task", str(bad))
+
+
+def test_empty_task_file(tiny_checkpoint, tmp_path):
+    empty = tmp_path / "task.jsonl"
+    empty.write_text("")
+    assert f"{empty}: no examples" in train_error(tiny_checkpoint, tmp_path, "--task", str(empty))
+
+
+def test_empty_harmful_file(tiny_checkpoint, tmp_path):
+    empty = tmp_path / "harmful.csv"
+    empty.write_text("")
+    assert f"{empty}: no examples" in train_error(tiny_checkpoint, tmp_path, "--harmful", str(empty))
+    assert f"{empty}: no examples" in eval_error(tiny_checkpoint, "--harmful", str(empty))
+
+
+def test_missing_data_file(tiny_checkpoint, tmp_path):
+    assert "nope.jsonl: no such file" in train_error(tiny_checkpoint, tmp_path, "--task", str(tmp_path / "nope.jsonl"))
+
+
+def test_prompt_longer_than_max_len(tiny_checkpoint, tmp_path):
+    assert "the prompt alone is longer than --max-len 20" in train_error(tiny_checkpoint, tmp_path, "--max-len", "20")
+
+
+def test_max_len_longer_than_the_models_context(tiny_checkpoint, tmp_path):
+    msg = train_error(tiny_checkpoint, tmp_path, "--max-len", "600")
+    assert "--max-len 600 is longer than the model's context (512 tokens" in msg
+
+
+def test_eval_prompt_longer_than_the_models_context(tiny_checkpoint, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("a" * 600 + "\n")  # one token a byte
+    assert "exceeds the model's context (512)" in eval_error(tiny_checkpoint, "--harmful", str(long))
+    assert "exceeds the model's context (512)" in train_error(tiny_checkpoint, tmp_path, "--harmful", str(long))
+
+
+# ---- flags ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "nope"], "error: --method 'nope': unknown method"),
+    (["--scenario", "nope"], "error: argument --scenario: invalid choice"),
+    (["--batch-size", "0"], "error: --batch-size must be positive"),
+    (["--lr", "fast"], "error: argument --lr: invalid float value"),
+])
+def test_bad_flag_is_a_usage_error(tiny_checkpoint, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(tiny_checkpoint), "--out", str(tmp_path / "out"), *FAST, *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "nope"], "--device 'nope': not a device"),
+    (["--lora-targets", "nope"], "--lora-targets nope: no linear layer of the model has that name"),
+    (["--chat-format", "nope"], "unknown chat format 'nope'"),
+    (["--ckpt-every", "-1"], "--ckpt-every must be >= 0"),
+    (["--stop-after", "3", "--ckpt-every", "0"], "--stop-after N needs N > 0 and checkpoints"),
+    (["--scenario", "poisoned"], "--poison-data generated needs the default model"),
+])
+def test_bad_flag_value(tiny_checkpoint, tmp_path, flags, message):
+    assert message in train_error(tiny_checkpoint, tmp_path, *flags)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu(tiny_checkpoint, tmp_path):
+    assert "--device cuda: no CUDA device is available" in train_error(tiny_checkpoint, tmp_path, "--device", "cuda")
+
+
+def test_eval_bad_adapter(tiny_checkpoint, tmp_path):
+    assert f"{tmp_path / 'nope' / 'adapter_config.json'}: not found" in eval_error(tiny_checkpoint, "--adapter", str(tmp_path / "nope"))
+    out = tmp_path / "run"
+    train.main(["--model", str(tiny_checkpoint), "--out", str(out), *FAST])
+    f = out / "adapter" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    assert f"{f}: cannot read safetensors file" in eval_error(tiny_checkpoint, "--adapter", str(out / "adapter"))
+
+
+# ---- checkpoints (--resume) -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped(tiny_checkpoint, tmp_path_factory):
+    """OUT of a run stopped after 1 step: a checkpoint and no results.json."""
+    out = tmp_path_factory.mktemp("stopped") / "out"
+    with pytest.raises(SystemExit):
+        train.main(["--model", str(tiny_checkpoint), "--out", str(out), *FAST, "--stop-after", "1"])
+    return out
+
+
+def resume_error(tiny_checkpoint, out, *flags):
+    return error(train.main, ["--model", str(tiny_checkpoint), "--out", str(out), *FAST, "--resume", *flags])
+
+
+def test_resume_without_a_checkpoint(tiny_checkpoint, tmp_path):
+    assert "--resume: no checkpoint to resume from" in resume_error(tiny_checkpoint, tmp_path / "out")
+
+
+def test_resume_from_a_corrupt_checkpoint(tiny_checkpoint, tmp_path, stopped):
+    out = shutil.copytree(stopped, tmp_path / "out")
+    manifest = out / "ckpt" / "manifest.json"
+    f = out / "ckpt" / json.loads(manifest.read_text())["tensors"]
+    f.write_bytes(f.read_bytes()[:-10])
+    assert f"{f}: cannot read the checkpoint" in resume_error(tiny_checkpoint, out)
+    f.unlink()
+    assert f"{f}: cannot read the checkpoint" in resume_error(tiny_checkpoint, out)
+    manifest.write_text(manifest.read_text()[:50])
+    assert f"{manifest}:" in resume_error(tiny_checkpoint, out) and "invalid JSON" in resume_error(tiny_checkpoint, out)
+    manifest.write_text("{}")
+    assert f"{manifest}: not a checkpoint of this train.py" in resume_error(tiny_checkpoint, out)
+
+
+def test_resume_with_other_flags(tiny_checkpoint, tmp_path, stopped):
+    out = shutil.copytree(stopped, tmp_path / "out")
+    assert "--resume: the stopped run had --lr 0.001, this one 0.01" in resume_error(tiny_checkpoint, out, "--lr", "0.01")
+
+
+def test_a_stopped_run_is_not_restarted_without_resume_or_overwrite(tiny_checkpoint, tmp_path, stopped):
+    out = shutil.copytree(stopped, tmp_path / "out")
+    msg = train_error(tiny_checkpoint, tmp_path)
+    assert f"--out {out}: holds a stopped run" in msg and "pass --resume" in msg
+    assert (out / "ckpt" / "manifest.json").exists()
+
+
+def test_resume_after_the_data_changed(tiny_checkpoint, tmp_path):
+    harmful = shutil.copy(os.path.join(FIX, "advbench.csv"), tmp_path / "harmful.csv")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        train.main(["--model", str(tiny_checkpoint), "--out", str(out), *FAST, "--harmful", str(harmful), "--stop-after", "1"])
+    with open(harmful, "a") as f:
+        f.write("Another prompt,Sure\n")
+    assert "--resume: the data files changed" in resume_error(tiny_checkpoint, out, "--harmful", str(harmful))

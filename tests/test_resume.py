@@ -1,0 +1,163 @@
+"""Resumable runs (train.py --ckpt-every, --resume) on the tiny checkpoint.
+
+On the CPU a run that is stopped and resumed ends with the same LoRA weights as an uninterrupted run,
+bitwise (torch.equal), and the same results.json metrics and losses: a stop by --stop-after, SIGTERM or
+Ctrl-C writes a checkpoint and exits non-zero with a hint, and a SIGKILL at a random step loses only the
+steps since the last checkpoint. The runs use two tasks (the task index and the finished tasks' results
+are in the checkpoint), LoRA dropout (torch's RNG) and replay / DER++ (the method's RNG, DER's logits).
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from test_train import FIX
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL = ["--n-test", "2", "--max-new-tokens", "4", "--harmful", os.path.join(FIX, "advbench.csv"),
+        "--sensitive", os.path.join(FIX, "prompts.txt")]
+TRAIN = ["--epochs", "2", "--batch-size", "2", "--lora-dropout", "0.1", "--ckpt-every", "3",
+         "--safety-data", os.path.join(FIX, "advbench.csv")]  # a memory of 3 refusals
+RUN = ["--n-train", "8", "--task", "arithmetic,arithmetic", *TRAIN, *EVAL]  # 8 steps a task (9 with replay)
+LONG = ["--n-train", "30", "--task", "arithmetic", *TRAIN, *EVAL]  # one task of 30 steps
+
+
+def argv(tiny_checkpoint, out, *extra, method="sft", base=RUN):
+    return ["--model", str(tiny_checkpoint), "--method", method, *base, "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_checkpoint, tmp_path_factory):
+    """uninterrupted(method, base) -> OUT of a run without a stop, run once per module."""
+    runs = {}
+
+    def get(method, base=RUN):
+        key = (method, tuple(base))
+        if key not in runs:
+            runs[key] = tmp_path_factory.mktemp(f"full-{method}")
+            train.main(argv(tiny_checkpoint, runs[key], method=method, base=base))
+        return runs[key]
+    return get
+
+
+def assert_same_run(a, b):
+    wa, wb = (load_file(str(out / "adapter" / "adapter_model.safetensors")) for out in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra, rb = (json.loads((out / "results.json").read_text()) for out in (a, b))
+    assert [ra[k] for k in ("asr", "over_refusal", "task_accuracy")] == [rb[k] for k in ("asr", "over_refusal", "task_accuracy")]
+    assert [(h["task"], h["losses"]) for h in ra["history"]] == [(h["task"], h["losses"]) for h in rb["history"]]
+
+
+@pytest.mark.parametrize("method, stop_after, where", [
+    ("derpp", 4, "step 4/8 of task 1/2"),
+    ("replay", 9, "step 9/9 of task 1/2"),  # the first task's last step: the resumed run begins the second
+    ("derpp", 13, "step 5/8 of task 2/2"),
+])
+def test_stopped_and_resumed_run_equals_uninterrupted(tiny_checkpoint, tmp_path, uninterrupted, method, stop_after, where):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tiny_checkpoint, out, "--stop-after", str(stop_after), method=method))
+    assert str(e.value.code).startswith(f"stopped by --stop-after after {where}") and "--resume" in str(e.value.code)
+    assert not (out / "results.json").exists()
+    train.main(argv(tiny_checkpoint, out, "--resume", method=method))
+    assert_same_run(uninterrupted(method), out)
+    assert not (out / "ckpt").exists()  # a finished run keeps results.json, not its checkpoint
+
+
+def test_same_seed_same_adapter(tiny_checkpoint, tmp_path, uninterrupted):
+    """--seed fixes the data order, the sampling (replay, the memory batches) and the LoRA init."""
+    train.main(argv(tiny_checkpoint, tmp_path / "again", method="derpp"))
+    assert_same_run(uninterrupted("derpp"), tmp_path / "again")
+    train.main(argv(tiny_checkpoint, tmp_path / "seed1", "--seed", "1", method="derpp"))
+    a, b = (load_file(str(o / "adapter" / "adapter_model.safetensors")) for o in (uninterrupted("derpp"), tmp_path / "seed1"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def subprocess_run(tiny_checkpoint, out):
+    """`python train.py` of LONG in the background, with as many threads as this process."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with open(out.parent / f"{out.name}.log", "w") as log:  # a file, not a pipe: tqdm's output never blocks it
+        return subprocess.Popen([sys.executable, "train.py", *argv(tiny_checkpoint, out, base=LONG)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_step(proc, out, step, timeout=60):
+    """Wait until OUT/ckpt holds a checkpoint at `step` or later; returns its step."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            done = json.loads((out / "ckpt" / "manifest.json").read_text())["step"]
+            if done >= step:
+                return done
+        except FileNotFoundError:
+            pass
+        assert proc.poll() is None, (out.parent / f"{out.name}.log").read_text()[-2000:]
+        time.sleep(0.002)
+    raise TimeoutError
+
+
+def test_sigkill_at_a_random_step_then_resume(tiny_checkpoint, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = subprocess_run(tiny_checkpoint, out)
+    step, delay = random.randint(3, 21), random.uniform(0, 0.05)
+    wait_for_step(proc, out, step)
+    time.sleep(delay)  # anywhere in a step, a checkpoint's writing included
+    assert proc.poll() is None, f"finished before the kill (step {step}, delay {delay:.3f})"
+    proc.kill()
+    proc.wait()
+    assert not (out / "results.json").exists()
+    train.main(argv(tiny_checkpoint, out, "--resume", base=LONG))
+    assert_same_run(uninterrupted("sft", LONG), out)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_with_a_hint(tiny_checkpoint, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = subprocess_run(tiny_checkpoint, out)
+    wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 1
+    hint = [line for line in (tmp_path / "run.log").read_text().splitlines() if line.startswith("stopped by SIGTERM after step")]
+    assert len(hint) == 1 and hint[0].endswith("run the same command with --resume to continue")
+    step = int(hint[0].split("after step ")[1].split("/")[0])  # the step running when SIGTERM came
+    assert json.loads((out / "ckpt" / "manifest.json").read_text())["step"] == step >= 3
+    assert not (out / "results.json").exists()
+    train.main(argv(tiny_checkpoint, out, "--resume", base=LONG))
+    assert_same_run(uninterrupted("sft", LONG), out)
+
+
+def test_ctrl_c_writes_a_checkpoint_at_the_end_of_the_step(tiny_checkpoint, tmp_path, monkeypatch, uninterrupted):
+    lr_at = train.lr_at
+
+    def interrupt_at_step_5(step, total, args):  # Ctrl-C arrives while step 5 runs
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(step, total, args)
+    monkeypatch.setattr(train, "lr_at", interrupt_at_step_5)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tiny_checkpoint, out, base=LONG))
+    assert str(e.value.code).startswith("stopped by SIGINT after step 6/30")
+    assert json.loads((out / "ckpt" / "manifest.json").read_text())["step"] == 6
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    train.main(argv(tiny_checkpoint, out, "--resume", base=LONG))
+    assert_same_run(uninterrupted("sft", LONG), out)
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
+    lr_at = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, total, args: float("nan") if step >= 7 else lr_at(step, total, args))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tiny_checkpoint, out, base=LONG))
+    msg = str(e.value.code)
+    assert msg.startswith("error: non-finite loss") and "at step 9/30" in msg and "(step 6), is kept" in msg
+    assert json.loads((out / "ckpt" / "manifest.json").read_text())["step"] == 6
