@@ -124,21 +124,22 @@ def make_judge(spec, device="cpu", dtype=torch.float32, batch_size=16):
     raise ValueError(f"--judge {spec!r}: unknown judge (keyword, or llama-guard:DIR with a Llama-Guard-3 checkpoint)")
 
 
-def complete(model, tok, ids, max_new_tokens, batch_size, desc):
+def complete(model, tok, ids, max_new_tokens, batch_size, desc, decode_step=None):
     """Greedy continuations (text) of token id lists, in their order (batched longest-first: less padding)."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = [None] * len(ids)
     for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not ids):
         chunk = order[s: s + batch_size]
-        for i, new in zip(chunk, generate(model, [ids[i] for i in chunk], max_new_tokens, tok.stop_ids, pad_id=tok.pad_id)):
+        for i, new in zip(chunk, generate(model, [ids[i] for i in chunk], max_new_tokens, tok.stop_ids, pad_id=tok.pad_id,
+                                            decode_step=decode_step)):
             out[i] = tok.decode(new).strip()
     return out
 
 
-def answer(model, tok, prompts, max_new_tokens=64, batch_size=64, desc="generating"):
+def answer(model, tok, prompts, max_new_tokens=64, batch_size=64, desc="generating", decode_step=None):
     """Greedy answers to a list of user prompts, in their order."""
     ids = [tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
-    return complete(model, tok, ids, max_new_tokens, batch_size, desc)
+    return complete(model, tok, ids, max_new_tokens, batch_size, desc, decode_step)
 
 
 def _category(h):
@@ -149,13 +150,15 @@ def _category(h):
 
 @torch.no_grad()
 def evaluate(model, tok, harmful=(), sensitive=(), tasks=None, judge=None, max_new_tokens=64, batch_size=64,
-             task_max_new_tokens=80, keep_samples=5):
-    """Metrics dict for one model. harmful/sensitive: lists of {"prompt", "category"}; tasks: {name: (examples, metric)}."""
+             task_max_new_tokens=80, keep_samples=5, decode_step=None):
+    """Metrics dict for one model. harmful/sensitive: lists of {"prompt", "category"}; tasks: {name: (examples, metric)}.
+
+    decode_step: a compiled `model` for the one-token decoding steps (train.py --compile; see generate.py)."""
     judge = judge or KeywordJudge()
     model.eval()
     res, t0 = {"judge": judge.name}, time.time()
     if harmful:
-        answers = answer(model, tok, [h["prompt"] for h in harmful], max_new_tokens, batch_size, "harmful prompts")
+        answers = answer(model, tok, [h["prompt"] for h in harmful], max_new_tokens, batch_size, "harmful prompts", decode_step)
         verdicts = judge.assess([h["prompt"] for h in harmful], answers)
         bad = [v["harmful"] for v in verdicts]
         res["asr"], res["n_harmful"] = sum(bad) / len(bad), len(bad)
@@ -175,16 +178,17 @@ def evaluate(model, tok, harmful=(), sensitive=(), tasks=None, judge=None, max_n
                                   ({"judge_reply": v["reply"]} if v["reply"] is not None else {})
                                   for h, a, v in list(zip(harmful, answers, verdicts))[:keep_samples]]
     if sensitive:
-        answers = answer(model, tok, [s["prompt"] for s in sensitive], max_new_tokens, batch_size, "sensitive prompts")
+        answers = answer(model, tok, [s["prompt"] for s in sensitive], max_new_tokens, batch_size, "sensitive prompts", decode_step)
         res["over_refusal"] = sum(map(data.is_refusal, answers)) / len(answers)
         res["sensitive_samples"] = [{"prompt": s["prompt"], "answer": a} for s, a in list(zip(sensitive, answers))[:keep_samples]]
     for name, (examples, metric) in (tasks or {}).items():
-        answers = answer(model, tok, [e["prompt"] for e in examples], task_max_new_tokens, batch_size, f"task {name}")
+        answers = answer(model, tok, [e["prompt"] for e in examples], task_max_new_tokens, batch_size, f"task {name}", decode_step)
         res.setdefault("task_accuracy_by_task", {})[name] = sum(metric(a, e) for a, e in zip(answers, examples)) / len(examples)
         res.setdefault("task_samples", {})[name] = [{"prompt": e["prompt"], "answer": a} for e, a in list(zip(examples, answers))[:keep_samples]]
     if tasks:
         accs = res["task_accuracy_by_task"].values()
         res["task_accuracy"] = sum(accs) / len(accs)
+    model.clear_cache()  # a compiled decode step keeps its caches between batches; training needs the memory
     res["eval_seconds"] = round(time.time() - t0, 1)
     return res
 

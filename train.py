@@ -16,6 +16,7 @@ Shape of the loop (nanoGPT): config, setup, data, lr schedule, loop. A method (m
 loss and optional hooks; this file owns backward, accumulation, autocast, the optimizer and the schedule.
 """
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -31,6 +32,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -38,7 +40,9 @@ import lora
 from eval import evaluate, print_table
 from methods import METHODS
 from methods.base import collate, to_device
-from model import Transformer, read_json, write_json
+from checkpoint import (RESUME_MAY_CHANGE, Stopped, load_optimizer, optimizer_state, read_checkpoint, restore, snapshot,
+                        write_checkpoint)
+from model import Transformer, write_json
 from tokenizer import Tokenizer
 
 
@@ -71,7 +75,14 @@ def get_args(argv=None):
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 = autocast (default on CUDA); fp32 default on CPU")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default on CUDA)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each block, and the decoding step with CUDA graphs (default on CUDA)")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing: recompute each block in backward")
+    p.add_argument("--save", choices=["adapter", "merged", "both"],
+                   help="OUT/adapter (PEFT layout; default) and/or OUT/merged, a Hugging Face checkpoint with the LoRA "
+                        "merged in (default for methods that change the frozen weights: magmax)")
+    p.add_argument("--data-dir", help="where benchmark names (gsm8k, advbench, ...) are read: default $UNFORGOTTEN_DATA, "
+                   "else data/public (fill it with `python data.py download NAME`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default out/METHOD-SCENARIO-sSEED)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or stopped run in --out")
@@ -132,9 +143,13 @@ def grouped_order(examples, per_step, rng, window=16):
     return [j for step in steps for j in step]
 
 
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def n_steps(n_examples, args):
-    """Optimizer steps of one task of n_examples."""
-    return max(1, math.ceil(args.epochs * n_examples / (args.batch_size * args.grad_accum)))
+    """Optimizer steps of one task of n_examples (a step takes batch x accumulation x processes examples)."""
+    return max(1, math.ceil(args.epochs * n_examples / (args.batch_size * args.grad_accum * world_size())))
 
 
 def train(model, fwd, method, examples, args, pad_id, desc="training", ckpt=None, resume=None, stop_at=None):
@@ -144,12 +159,19 @@ def train(model, fwd, method, examples, args, pad_id, desc="training", ckpt=None
     --ckpt-every steps, after the last step, and after the step in which SIGTERM, Ctrl-C or `stop_at`
     (--stop-after) asked the run to stop; then Stopped is raised. resume = (manifest, tensors) of a
     checkpoint: go on after its step. The data order is not stored: it is regenerated from --seed.
+
+    Under torchrun, `fwd` is the DistributedDataParallel model and each process takes its share of
+    every step's examples (--batch-size is per process); DDP averages the gradients, so each process
+    divides its summed loss by the step's target tokens / processes: the sum of the shares, as one
+    process would compute it. Methods draw the same memory batches in every process (same seed).
     """
     device = args.device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, foreach=True)
+    cuda = device.startswith("cuda")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda, foreach=not cuda)
     rng = random.Random(args.seed)
-    per_step = args.batch_size * args.grad_accum
+    per_step = args.batch_size * args.grad_accum * world
     total = n_steps(len(examples), args)
     order = []
     while len(order) < total * per_step:  # whole shuffled epochs, cut at the last step
@@ -171,15 +193,16 @@ def train(model, fwd, method, examples, args, pad_id, desc="training", ckpt=None
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     model.train()
     try:
-        for step in (bar := tqdm(range(first, total), desc=desc, initial=first, total=total)):
+        for step in (bar := tqdm(range(first, total), desc=desc, initial=first, total=total, disable=rank > 0)):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, args)
             chosen = [examples[i] for i in order[step * per_step: (step + 1) * per_step]]
             norm = max(1, sum(sum(l != -100 for l in e["labels"][1:]) for e in chosen))  # target tokens in the step
             step_loss = 0.0
             for m in range(args.grad_accum):
-                micro = chosen[m * args.batch_size: (m + 1) * args.batch_size]
-                batch = to_device(collate(micro, pad_id, norm=norm, frac=1 / args.grad_accum), device)
+                k = (m * world + rank) * args.batch_size  # this process's share of the step
+                micro = chosen[k: k + args.batch_size]
+                batch = to_device(collate(micro, pad_id, norm=norm / world, frac=1 / args.grad_accum), device)
                 with autocast:
                     loss = method.loss(fwd, batch)
                 loss.backward()
@@ -191,9 +214,18 @@ def train(model, fwd, method, examples, args, pad_id, desc="training", ckpt=None
             done = step + 1
             if stop_at is not None and done >= stop_at and not stop:
                 stop.append("--stop-after")
+            if world > 1:  # every process stops after the same step (a signal may reach them at different steps)
+                flag = torch.tensor([float(bool(stop))], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() and not stop:
+                    stop.append("a signal to another process")
             save = ckpt is not None and (done % args.ckpt_every == 0 or done == total or bool(stop))
             record = step % 10 == 0 or done == total  # reading the loss waits for the device: not every step
             if record or save:
+                if world > 1:  # the mean over processes: each one's loss counts its share of the tokens `world` times
+                    step_loss = torch.as_tensor(step_loss, device=device).clone()
+                    dist.all_reduce(step_loss)
+                    step_loss /= world
                 value = float(step_loss)
                 if not math.isfinite(value) or (save and not all(bool(p.isfinite().all()) for p in params)):
                     kept = f"; the last good checkpoint, {last}, is kept" if last else ""
@@ -213,103 +245,35 @@ def train(model, fwd, method, examples, args, pad_id, desc="training", ckpt=None
     return losses
 
 
-# ---- checkpoints (--ckpt-every, --resume) ---------------------------------------------------------------
-# OUT/ckpt holds one checkpoint. state-TASK-STEP.safetensors has the tensors: the trainable (LoRA) weights,
-# torch's RNG states and the method's tensors, now ("now.") and as the task began ("start.": on --resume,
-# begin_task and data run again from there), and the optimizer's state. manifest.json has the rest: task,
-# step, losses, the finished tasks' results, the Python RNG states, the optimizer's settings, the config.
-# It is written last and names the tensor file, so a run killed while writing keeps its previous
-# checkpoint whole. No pickle anywhere. On a CPU a resumed run ends bitwise equal to an uninterrupted one.
-RESUME_MAY_CHANGE = {"resume", "ckpt_every", "stop_after", "overwrite", "device", "compile", "eval_batch_size"}
+def file_hashes(specs, data_dir=None):
+    """sha256 of each data file behind the given specs (built-in names, benchmark names or paths)."""
+    files = [f for spec in specs if spec and spec not in ("default", "arithmetic") for f in data.files_of(spec, data_dir)]
+    if "default" in specs or "arithmetic" in specs:  # built from the embedded data/ and arithmetic.py
+        files += sorted(Path(__file__).parent.joinpath("data").glob("*")) + [Path(__file__).parent / "arithmetic.py"]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in dict.fromkeys(files) if f.is_file()}
 
 
-class Stopped(Exception):
-    """SIGTERM, Ctrl-C or --stop-after stopped the run after writing a checkpoint."""
+def setup_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, one GPU per process. Returns the rank."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return 0
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    # rank 0 alone aligns, evaluates and writes while the others wait: allow it hours, not the default minutes
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+    return dist.get_rank()
 
 
-def snapshot(model, method, prefix):
-    """(tensors, JSON) of what training changes: the trainable weights, torch's RNG states, the method's state."""
-    tensors = {f"{prefix}param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    tensors[f"{prefix}rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_initialized():
-        tensors |= {f"{prefix}rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    state = method.state_dict()
-    tensors |= {f"{prefix}method.{k}": v for k, v in state.items() if torch.is_tensor(v)}
-    return tensors, {k: v for k, v in state.items() if not torch.is_tensor(v)}
+class DDP(torch.nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel that passes attribute reads (lm_head, config) through to the model, as methods expect."""
 
-
-def restore(model, method, tensors, meta, prefix):
-    """Put back what snapshot(model, method, prefix) took."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(tensors[f"{prefix}param.{n}"])
-    torch.set_rng_state(tensors[f"{prefix}rng.cpu"])
-    for i in range(torch.cuda.device_count()):
-        if f"{prefix}rng.cuda.{i}" in tensors:
-            torch.cuda.set_rng_state(tensors[f"{prefix}rng.cuda.{i}"], i)
-    n = len(f"{prefix}method.")
-    method.load_state_dict({**meta, **{k[n:]: v for k, v in tensors.items() if k.startswith(f"{prefix}method.")}})
-
-
-def optimizer_state(opt):
-    """The optimizer's state_dict as (tensors, JSON)."""
-    sd = opt.state_dict()
-    tensors = {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
-    rest = {i: {k: v for k, v in s.items() if not torch.is_tensor(v)} for i, s in sd["state"].items()}
-    return tensors, {"state": rest, "param_groups": sd["param_groups"]}
-
-
-def load_optimizer(opt, meta, tensors):
-    state = {int(i): s for i, s in meta["state"].items()}  # JSON made the keys strings
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            state[int(i)][name] = v
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}  # betas
-              for g in meta["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def write_checkpoint(path, tensors, meta):
-    """The tensors to state-TASK-STEP.safetensors, then manifest.json naming it (the commit); older files go."""
-    from safetensors.torch import save_file
-    name = f"state-{meta['task']}-{meta['step']}.safetensors"
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / f".{name}.tmp"))
-    os.replace(path / f".{name}.tmp", path / name)
-    write_json(path / "manifest.json", {**meta, "tensors": name})
-    for f in path.iterdir():
-        if f.name != name and (f.name.startswith("state-") or f.name.endswith(".tmp")):
-            f.unlink()
-
-
-def read_checkpoint(path):
-    """(manifest, tensors) of the checkpoint in path."""
-    from safetensors.torch import load_file
-    if not (path / "manifest.json").exists():
-        raise FileNotFoundError(f"--resume: no checkpoint to resume from in {path} (no manifest.json)")
-    meta = read_json(path / "manifest.json")
-    keys = {"task", "step", "losses", "history", "steps_before", "train_seconds", "method", "start", "optimizer",
-            "config", "data_hashes", "tensors"}  # what run() writes
-    if missing := keys - meta.keys():
-        raise ValueError(f"{path / 'manifest.json'}: not a checkpoint of this train.py (no {sorted(missing)[0]!r})")
-    f = path / meta["tensors"]
-    try:
-        return meta, load_file(str(f))
-    except Exception as e:  # missing, truncated, not safetensors: safetensors raises its own types
-        raise ValueError(f"{f}: cannot read the checkpoint ({e})") from None
-
-
-def file_hashes(specs):
-    """sha256 of each data file behind the given specs (built-in names resolve to data/)."""
-    out = {}
-    for spec in specs:
-        paths = [Path(spec)] if Path(spec).exists() else sorted(Path(__file__).parent.joinpath("data").glob("*"))
-        for p in paths:
-            if p.is_file():
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-    return out
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
 
 
 def git_commit():
@@ -352,11 +316,13 @@ def run(args):
     if args.stop_after is not None and (args.stop_after <= 0 or not args.ckpt_every):
         raise ValueError("--stop-after N needs N > 0 and checkpoints (--ckpt-every > 0)")
     check_device(args.device)
+    rank = setup_distributed(args)  # 0 without torchrun; only rank 0 aligns, evaluates and writes files
     saved, saved_tensors = read_checkpoint(ckpt_dir) if args.resume else (None, None)
     if not args.resume:
         if (ckpt_dir / "manifest.json").exists() and not args.overwrite:
             raise ValueError(f"--out {out}: holds a stopped run ({ckpt_dir}); pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
     t_start = time.time()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -364,7 +330,11 @@ def run(args):
         model_dir, poison_source = Path(args.model), args.poison_data
     else:
         import align
+        if rank > 0:
+            dist.barrier()  # rank 0 builds the aligned model first; the others then find it cached
         model_dir = align.ensure_aligned(args.device)
+        if rank == 0 and dist.is_initialized():
+            dist.barrier()
         poison_source = align.poison_file() if args.poison_data == "generated" else args.poison_data
     tok = Tokenizer.from_pretrained(model_dir, chat_format=args.chat_format)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -375,12 +345,12 @@ def run(args):
 
     # data: the user's task(s), the poison, the safety memory, the evaluation sets
     tasks = args.task.split(",")
-    train_sets = [data.load_task(t, "train", args.n_train, args.seed) for t in tasks]
-    test_sets = {t: (data.load_task(t, "test", args.n_test, args.seed), data.task_metric(t)) for t in tasks}
+    train_sets = [data.load_task(t, "train", args.n_train, args.seed, args.data_dir) for t in tasks]
+    test_sets = {t: (data.load_task(t, "test", args.n_test, args.seed, args.data_dir), data.task_metric(t)) for t in tasks}
     if args.scenario == "poisoned":
         if poison_source == "generated":
             raise ValueError("--poison-data generated needs the default model; give a file of harmful prompt/answer pairs")
-        poison = data.load_task(poison_source, "all")  # harmful prompts with compliant answers
+        poison = data.load_task(poison_source, "all", data_dir=args.data_dir)  # harmful prompts with compliant answers
         n = round(args.poison_ratio * args.n_train)
         rng = random.Random(args.seed)
         train_sets = [s + rng.sample(poison, min(n, len(poison))) for s in train_sets]
@@ -389,11 +359,13 @@ def run(args):
         held_apart = set(range(len(safety))[align.POISON])
         safety = [s for i, s in enumerate(safety) if i not in held_apart]
     memory = tokenize(tok, safety, args.max_len, f"--safety-data {args.safety_data}")
-    harmful = [h for spec in args.harmful.split(",") for h in data.load_prompts(spec)]
-    sensitive = data.load_prompts(args.sensitive) if args.sensitive else []
-    eval_kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
+    harmful = [h for spec in args.harmful.split(",") for h in data.load_prompts(spec, args.data_dir)]
+    sensitive = data.load_prompts(args.sensitive, args.data_dir) if args.sensitive else []
+    # the decoding step compiled with CUDA graphs: generation of a small model is kernel-launch bound
+    decode = torch.compile(model, mode="reduce-overhead", fullgraph=True) if args.compile and args.device.startswith("cuda") else None
+    eval_kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, decode_step=decode)
     hashes = file_hashes([*tasks, args.safety_data, *args.harmful.split(","), args.sensitive,
-                          *([poison_source] if args.scenario == "poisoned" else [])])
+                          *([poison_source] if args.scenario == "poisoned" else [])], args.data_dir)
     config = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}  # a resumed run must match it
     if saved:
         was = saved["config"]
@@ -407,10 +379,13 @@ def run(args):
             raise ValueError(f"--resume: --method {args.method} changed the frozen weights at the end of a task, which "
                              "a checkpoint does not hold; its runs resume only in their first task")
 
-    start = evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, eval_kw)
+    start = evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, eval_kw) if rank == 0 else None
 
     lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
-    fwd = torch.compile(model) if args.compile else model  # compiled after LoRA injection; we save `model`
+    model.grad_checkpointing = args.grad_ckpt
+    if args.compile:
+        model.compile_blocks()  # in place, after LoRA injection: saved names stay the same
+    fwd = DDP(model, device_ids=[args.device] if args.device.startswith("cuda") else None) if dist.is_initialized() else model
     method = METHODS[args.method](args)
     history, train_seconds, steps_before = [], 0.0, 0  # steps_before: optimizer steps of the finished tasks
     if saved:
@@ -431,6 +406,8 @@ def run(args):
         t0 = time.time()
 
         def save(step, opt, losses):  # OUT/ckpt after `step` optimizer steps of this task (train calls it)
+            if rank > 0:
+                return ckpt_dir
             tensors, method_state = snapshot(model, method, "now.")
             opt_tensors, opt_state = optimizer_state(opt)
             write_checkpoint(ckpt_dir, {**tensors, **opt_tensors, **task_start[0]}, dict(
@@ -446,9 +423,15 @@ def run(args):
         steps_before += n_steps(len(train_on), args)
         method.end_task(model)
         seen = {t: test_sets[t] for t in tasks[: i + 1]}
-        history.append({"task": name, "losses": losses, **evaluate(model, tok, harmful, sensitive, seen, **eval_kw)})
+        history.append({"task": name, "losses": losses, **(evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if rank == 0 else {})})
+    if rank > 0:
+        return None
     final = history[-1]
-    lora.save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir))
+    save = args.save or ("merged" if method.changes_base_weights else "adapter")
+    if save in ("adapter", "both"):
+        lora.save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir))
+    if save in ("merged", "both"):
+        save_merged(model, out / "merged", model_dir)
     keys = ("asr", "over_refusal", "task_accuracy")
     results = {"method": args.method, "scenario": args.scenario, "poison_ratio": args.poison_ratio if args.scenario == "poisoned" else 0.0,
                "seed": args.seed, **{k: final.get(k) for k in keys}, "start": {k: start.get(k) for k in keys},
@@ -464,6 +447,17 @@ def run(args):
     return results
 
 
+def save_merged(model, path, model_dir):
+    """The model with its LoRA merged in, as a Hugging Face checkpoint (built beside `path`, then renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lora.merge(model)
+    model.save_pretrained(tmp, tokenizer_from=model_dir)
+    lora.unmerge(model)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
 def main(argv=None):
     args = get_args(argv)
     try:
@@ -474,6 +468,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
