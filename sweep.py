@@ -52,8 +52,9 @@ from model import atomic_write, write_json
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 SET_BY_SWEEP = ("--method", "--scenario", "--seed", "--out", "--overwrite", "--resume")
-NOT_SETTINGS = {"method", "scenario", "seed", "out", "overwrite", "resume", "ckpt_every", "stop_after", "device",
-                "compile"}  # train.py flags that may differ between runs of one table
+# train.py flags that may differ between runs of one table: what the sweep sets per run, and what a resumed run
+# may change (--resume, --ckpt-every, --stop-after, --device, ...: how a run goes, not what it computes)
+NOT_SETTINGS = {"method", "scenario", "seed", "out"} | train.RESUME_MAY_CHANGE
 METRICS = ("asr", "over_refusal", "task_accuracy")
 LABELS = ("ASR", "over-refusal", "task acc")
 COLUMNS = ["method", "scenario", "seed", "poison_ratio", *METRICS, *(f"start_{k}" for k in METRICS),

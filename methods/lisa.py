@@ -57,9 +57,23 @@ class Lisa(Method):
     def proximal(self, model):
         """||w - w_switch||^2 over the trainable parameters, in fp32."""
         params = [p for p in model.parameters() if p.requires_grad]
+        if self.anchor[0].device != params[0].device:  # loaded from a checkpoint
+            self.anchor = [a.to(p.device) for p, a in zip(params, self.anchor)]
         with torch.autocast(params[0].device.type, enabled=False):
             return sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, self.anchor))
 
     def after_backward(self, model):
         self.step += 1  # once per optimizer step; the switch itself waits for the next step's first loss,
         self.micro = 0  # so that w_switch is taken after this step's update
+
+    def state_dict(self):
+        # micro is 0 between optimizer steps, where checkpoints are taken; w_switch as one tensor per parameter
+        anchor = {f"anchor.{i}": a for i, a in enumerate(getattr(self, "anchor", []))}
+        return {**super().state_dict(), "step": getattr(self, "step", 0), "state": getattr(self, "state", None),
+                **anchor}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.step, self.micro, self.state = state["step"], 0, state["state"]
+        if "anchor.0" in state:  # on the CPU, as read from the checkpoint: proximal moves it to the model's device
+            self.anchor = [state[f"anchor.{i}"] for i in range(sum(k.startswith("anchor.") for k in state))]

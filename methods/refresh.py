@@ -83,6 +83,17 @@ class Refresh(Method):
     def end_task(self, model):
         self.base.end_task(model)
 
+    def state_dict(self):
+        # the step counts toward --refresh-every; micro is 0 between optimizer steps, where checkpoints are taken.
+        # The base's state goes in flat, "base." before its keys: train.py stores only top-level tensors as tensors
+        return {**super().state_dict(), "step": getattr(self, "step", 0),
+                **{f"base.{k}": v for k, v in self.base.state_dict().items()}}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.step, self.micro = state["step"], 0
+        self.base.load_state_dict({k[len("base."):]: v for k, v in state.items() if k.startswith("base.")})
+
 
 def fisher(model, memory, size=8):
     """Diagonal empirical batch Fisher of the memory over the trainable parameters, divided by its mean."""

@@ -63,13 +63,32 @@ def assert_same_run(a, b):
     ("derpp", 13, "step 5/8 of task 2/2"),
 ])
 def test_stopped_and_resumed_run_equals_uninterrupted(tiny_checkpoint, tmp_path, uninterrupted, method, stop_after, where):
-    out = tmp_path / "run"
+    stop_and_resume(tiny_checkpoint, tmp_path / "run", uninterrupted, method, RUN, stop_after, where)
+
+
+REFRESH = [*RUN, "--base", "derpp", "--refresh-every", "2"]  # unlearns on even steps; DER++'s rng and logits
+LISA = [*RUN, "--lisa-align-steps", "2", "--lisa-user-steps", "3"]  # align on steps 0-1 and 5-6, user on 2-4 and 7
+
+
+@pytest.mark.parametrize("method, base, stop_after, where", [
+    ("refresh", REFRESH, 5, "step 5/8 of task 1/2"),  # resumes on an odd step: no unlearning
+    ("refresh", REFRESH, 13, "step 5/8 of task 2/2"),
+    ("lisa", LISA, 6, "step 6/8 of task 1/2"),  # resumes inside an alignment stint: w_switch from step 5
+    ("lisa", LISA, 11, "step 3/8 of task 2/2"),  # inside a user stint: w_switch from step 2
+])
+def test_methods_with_step_state_resume_mid_task(tiny_checkpoint, tmp_path, uninterrupted, method, base, stop_after, where):
+    """Refresh's and Lisa's schedules count optimizer steps; Lisa keeps w_switch; DER++ inside Refresh its rng."""
+    stop_and_resume(tiny_checkpoint, tmp_path / "run", uninterrupted, method, base, stop_after, where)
+
+
+def stop_and_resume(tiny_checkpoint, out, uninterrupted, method, base, stop_after, where):
+    """Stop a run by --stop-after at `where`, resume it, and compare it with the uninterrupted run."""
     with pytest.raises(SystemExit) as e:
-        train.main(argv(tiny_checkpoint, out, "--stop-after", str(stop_after), method=method))
+        train.main(argv(tiny_checkpoint, out, "--stop-after", str(stop_after), method=method, base=base))
     assert str(e.value.code).startswith(f"stopped by --stop-after after {where}") and "--resume" in str(e.value.code)
     assert not (out / "results.json").exists()
-    train.main(argv(tiny_checkpoint, out, "--resume", method=method))
-    assert_same_run(uninterrupted(method), out)
+    train.main(argv(tiny_checkpoint, out, "--resume", method=method, base=base))
+    assert_same_run(uninterrupted(method, base), out)
     assert not (out / "ckpt").exists()  # a finished run keeps results.json, not its checkpoint
 
 

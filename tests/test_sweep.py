@@ -107,7 +107,7 @@ def test_a_stopped_run_is_resumed_or_started_over(tiny_checkpoint, tmp_path, cap
     assert (s0 / "ckpt" / "manifest.json").exists() and not (s0 / "results.json").exists()
     (s1 / "ckpt" / "manifest.json").write_text("not json")  # a checkpoint that cannot be resumed
     capsys.readouterr()
-    sweep.main(argv)
+    sweep.main([*argv, "--ckpt-every", "2"])  # --stop-after and --ckpt-every are not settings: the same table
     out = capsys.readouterr().out
     assert "[1/2] sft-benign-s0: resuming" in out and "[1/2] sft-benign-s0: done" in out
     assert "[2/2] sft-benign-s1: resuming failed" in out and "starting over" in out
@@ -132,6 +132,10 @@ def test_bad_input_is_one_line_error_before_anything_runs(tmp_path, argv, messag
         sweep.main([*argv, "--results", str(tmp_path / "results")])
     assert message in str(e.value.code) and "\n" not in str(e.value.code)
     assert not (tmp_path / "results").exists()
+
+
+def test_checkpoint_flags_are_not_settings():
+    assert {"resume", "ckpt_every", "stop_after", "overwrite"} <= sweep.NOT_SETTINGS <= set(vars(train.get_args([])))
 
 
 def test_run_names_differ_for_different_flags():

@@ -68,3 +68,24 @@ def test_help_lists_the_chosen_methods_flags(capsys):
         train.get_args(["--method", "derpp", "--help"])
     out = capsys.readouterr().out
     assert "--alpha" in out and "--beta" in out and "--der-topk" in out
+
+
+def test_save_both_exports_load_in_transformers_and_peft(tiny_checkpoint, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    import lora
+    from model import Transformer
+    out = tmp_path / "run"
+    train.main(["--model", str(tiny_checkpoint), "--out", str(out), "--save", "both", "--lr", "1e-2", *FAST])
+    idx = torch.tensor([[3, 17, 42, 9, 11, 5]])
+    ours = Transformer.from_pretrained(tiny_checkpoint)
+    lora.load_adapter(ours, out / "adapter")
+    with torch.no_grad():
+        expected = ours(idx)
+        assert (expected - Transformer.from_pretrained(tiny_checkpoint)(idx)).abs().max() > 1e-4  # the LoRA did something
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged")(idx).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), out / "adapter")(idx).logits
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(peft, expected, rtol=1e-4, atol=1e-4)
+    assert (out / "merged" / "tokenizer.json").exists()
