@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import data
 import lora
-from eval import evaluate, print_table
+from eval import evaluate, make_judge, print_table
 from methods import METHODS
 from methods.base import collate, to_device
 from checkpoint import (RESUME_MAY_CHANGE, Stopped, load_optimizer, optimizer_state, read_checkpoint, restore, snapshot,
@@ -72,6 +72,8 @@ def get_args(argv=None):
     p.add_argument("--lora-targets", default="q_proj,v_proj")
     p.add_argument("--max-new-tokens", type=int, default=48, help="answer length for the safety evaluation")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--judge", default="keyword", help="who decides which answers are harmful: keyword (default) or "
+                   "llama-guard:DIR, a local Llama-Guard-3 checkpoint (see eval.py)")
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 = autocast (default on CUDA); fp32 default on CPU")
@@ -287,7 +289,8 @@ def git_commit():
 def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, eval_kw):
     """The starting model's metrics, cached: every run from the same checkpoint and eval settings shares them."""
     key = json.dumps([str(Path(model_dir).resolve()), (Path(model_dir) / "config.json").stat().st_mtime, tok.chat_format,
-                      harmful, sensitive, {t: e for t, (e, _) in test_sets.items()}, eval_kw], sort_keys=True)
+                      harmful, sensitive, {t: e for t, (e, _) in test_sets.items()}, args.max_new_tokens,
+                      args.eval_batch_size, args.judge], sort_keys=True)
     cache = Path(__file__).parent / "checkpoints" / "eval-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if cache.exists():
         print(f"starting model {model_dir}: metrics from {cache}")
@@ -363,7 +366,8 @@ def run(args):
     sensitive = data.load_prompts(args.sensitive, args.data_dir) if args.sensitive else []
     # the decoding step compiled with CUDA graphs: generation of a small model is kernel-launch bound
     decode = torch.compile(model, mode="reduce-overhead", fullgraph=True) if args.compile and args.device.startswith("cuda") else None
-    eval_kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, decode_step=decode)
+    judge = make_judge(args.judge, args.device, dtype) if rank == 0 else None
+    eval_kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, judge=judge, decode_step=decode)
     hashes = file_hashes([*tasks, args.safety_data, *args.harmful.split(","), args.sensitive,
                           *([poison_source] if args.scenario == "poisoned" else [])], args.data_dir)
     config = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}  # a resumed run must match it

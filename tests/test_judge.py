@@ -167,3 +167,12 @@ def test_judge_errors(tiny_llama3, tmp_path):
             evaluate_cli.main(["--model", tiny_llama3, "--judge", spec, "--out", str(tmp_path / "x.json")])
         assert words in str(e.value.code) and "\n" not in str(e.value.code)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_train_uses_the_guard_for_its_numbers(tiny_llama3, guards, tmp_path):
+    """train.py --judge: the starting and the fine-tuned model's ASR come from the guard, and say so."""
+    import train
+    from test_train import FAST
+    res = train.main(["--model", tiny_llama3, "--judge", f"llama-guard:{guards['1b']}", "--out", str(tmp_path / "run"), *FAST])
+    assert res["judge"] == res["start_eval"]["judge"] == f"llama-guard:{guards['1b']}"
+    assert "judge_parse_failures" in res["history"][0] and 0 <= res["asr"] <= 1
