@@ -117,18 +117,19 @@ def disabled(model):
 
 
 def adapter_state(model) -> dict:
-    """The adapter tensors under PEFT's key names."""
-    return {f"{PEFT_PREFIX}{n}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
+    """The adapter tensors under PEFT's key names (whole: an FSDP-sharded weight is gathered, by every process)."""
+    full = lambda w: w.full_tensor() if hasattr(w, "full_tensor") else w
+    return {f"{PEFT_PREFIX}{n}.{ab}.weight": full(getattr(m, ab).weight.detach()).contiguous()
             for n, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
 
 
-def save_adapter(model, path, base_model_name_or_path=None):
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout (atomically)."""
+def save_adapter(model, path, base_model_name_or_path=None, state=None):
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout (atomically); state: adapter_state(model)."""
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / ".adapter_model.safetensors.tmp"
-    save_file(adapter_state(model), str(tmp), metadata={"format": "pt"})
+    save_file(state if state is not None else adapter_state(model), str(tmp), metadata={"format": "pt"})
     tmp.replace(path / "adapter_model.safetensors")
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
                   bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,

@@ -80,6 +80,8 @@ def get_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block, and the decoding step with CUDA graphs (default on CUDA)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing: recompute each block in backward")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model over the processes (FSDP2) "
+                   "instead of copying it (DDP), for models that do not fit one GPU; no checkpoints (--resume) yet")
     p.add_argument("--save", choices=["adapter", "merged", "both"],
                    help="OUT/adapter (PEFT layout; default) and/or OUT/merged, a Hugging Face checkpoint with the LoRA "
                         "merged in (default for methods that change the frozen weights: magmax)")
@@ -268,6 +270,19 @@ def setup_distributed(args):
     return dist.get_rank()
 
 
+def shard(model, args):
+    """FSDP2: each block's weights, then the rest, sharded over the processes; gathered per block when used."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    cuda = args.device.startswith("cuda")
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.inv_freq = model.inv_freq.to(args.device)  # a buffer: not sharded, not moved
+
+
 class DDP(torch.nn.parallel.DistributedDataParallel):
     """DistributedDataParallel that passes attribute reads (lm_head, config) through to the model, as methods expect."""
 
@@ -286,7 +301,7 @@ def git_commit():
         return None
 
 
-def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, eval_kw):
+def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, eval_kw, write=True):
     """The starting model's metrics, cached: every run from the same checkpoint and eval settings shares them."""
     key = json.dumps([str(Path(model_dir).resolve()), (Path(model_dir) / "config.json").stat().st_mtime, tok.chat_format,
                       harmful, sensitive, {t: e for t, (e, _) in test_sets.items()}, args.max_new_tokens,
@@ -297,7 +312,8 @@ def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, e
         return json.loads(cache.read_text())
     print(f"evaluating the starting model {model_dir}")
     start = evaluate(model, tok, harmful, sensitive, test_sets, **eval_kw)
-    write_json(cache, start)
+    if write:
+        write_json(cache, start)
     return start
 
 
@@ -320,6 +336,13 @@ def run(args):
         raise ValueError("--stop-after N needs N > 0 and checkpoints (--ckpt-every > 0)")
     check_device(args.device)
     rank = setup_distributed(args)  # 0 without torchrun; only rank 0 aligns, evaluates and writes files
+    if args.fsdp and not dist.is_initialized():
+        raise ValueError("--fsdp shards the model over processes: start it with torchrun --nproc_per_node N (N > 1)")
+    if args.fsdp and args.resume:
+        raise ValueError("--resume: runs with --fsdp write no checkpoints yet")
+    if args.fsdp and (args.save in ("merged", "both") or METHODS[args.method].changes_base_weights):
+        raise ValueError(f"--fsdp: no merged checkpoint yet (--save {args.save}, --method {args.method}); "
+                         "save the adapter and merge it in one process")
     saved, saved_tensors = read_checkpoint(ckpt_dir) if args.resume else (None, None)
     if not args.resume:
         if (ckpt_dir / "manifest.json").exists() and not args.overwrite:
@@ -341,7 +364,7 @@ def run(args):
         poison_source = align.poison_file() if args.poison_data == "generated" else args.poison_data
     tok = Tokenizer.from_pretrained(model_dir, chat_format=args.chat_format)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = Transformer.from_pretrained(model_dir, device=args.device, dtype=dtype)
+    model = Transformer.from_pretrained(model_dir, device="cpu" if args.fsdp else args.device, dtype=dtype)  # FSDP: shards go to the GPU
     if args.max_len > model.config.max_seq_len:
         raise ValueError(f"--max-len {args.max_len} is longer than the model's context ({model.config.max_seq_len} "
                          f"tokens, max_position_embeddings in {model_dir / 'config.json'})")
@@ -383,13 +406,20 @@ def run(args):
             raise ValueError(f"--resume: --method {args.method} changed the frozen weights at the end of a task, which "
                              "a checkpoint does not hold; its runs resume only in their first task")
 
-    start = evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, eval_kw) if rank == 0 else None
-
-    lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
+    lora_args = (args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
+    if args.fsdp:  # sharded before anything runs; a fresh LoRA (B = 0) leaves the starting model as it was
+        lora.apply_lora(model, *lora_args)
+        shard(model, args)
+    # with FSDP every process takes part in every forward pass: all evaluate, rank 0 writes
+    evaluating = rank == 0 or args.fsdp
+    start = evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, eval_kw, write=rank == 0) if evaluating else None
+    if not args.fsdp:
+        lora.apply_lora(model, *lora_args)
     model.grad_checkpointing = args.grad_ckpt
     if args.compile:
         model.compile_blocks()  # in place, after LoRA injection: saved names stay the same
-    fwd = DDP(model, device_ids=[args.device] if args.device.startswith("cuda") else None) if dist.is_initialized() else model
+    fwd = DDP(model, device_ids=[args.device] if args.device.startswith("cuda") else None) \
+        if dist.is_initialized() and not args.fsdp else model
     method = METHODS[args.method](args)
     history, train_seconds, steps_before = [], 0.0, 0  # steps_before: optimizer steps of the finished tasks
     if saved:
@@ -421,19 +451,20 @@ def run(args):
             return ckpt_dir
 
         losses = train(model, fwd, method, train_on, args, tok.pad_id, desc=f"task {i + 1}/{len(tasks)} {name} [{args.method}]",
-                       ckpt=save if args.ckpt_every else None, resume=(resume, saved_tensors) if resume else None,
+                       ckpt=save if args.ckpt_every and not args.fsdp else None, resume=(resume, saved_tensors) if resume else None,
                        stop_at=args.stop_after - steps_before if args.stop_after else None)
         train_seconds += time.time() - t0
         steps_before += n_steps(len(train_on), args)
         method.end_task(model)
         seen = {t: test_sets[t] for t in tasks[: i + 1]}
-        history.append({"task": name, "losses": losses, **(evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if rank == 0 else {})})
+        history.append({"task": name, "losses": losses, **(evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if evaluating else {})})
+    save = args.save or ("merged" if method.changes_base_weights else "adapter")
+    adapter = lora.adapter_state(model)  # with FSDP, gathering the shards takes every process
     if rank > 0:
         return None
     final = history[-1]
-    save = args.save or ("merged" if method.changes_base_weights else "adapter")
     if save in ("adapter", "both"):
-        lora.save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir))
+        lora.save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir), state=adapter)
     if save in ("merged", "both"):
         save_merged(model, out / "merged", model_dir)
     keys = ("asr", "over_refusal", "task_accuracy")

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from test_train import FAST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+i = FAST.index("--batch-size")
+COMMON = [*FAST[:i], *FAST[i + 2:], "--n-train", "16", "--epochs", "3", "--lr", "3e-3", "--device", "cpu"]  # batch size below
 
 
 def train(argv, nproc=1):
@@ -21,10 +23,7 @@ def train(argv, nproc=1):
 
 @pytest.mark.parametrize("method", ["der"])  # a user loss and a memory term (drawn alike in every process)
 def test_two_processes_match_one(tiny_checkpoint, tmp_path, method):
-    common = ["--model", str(tiny_checkpoint), "--method", method, *FAST, "--n-train", "16", "--epochs", "3",
-              "--lr", "3e-3", "--device", "cpu"]
-    i = FAST.index("--batch-size")
-    common = common[: 4 + i] + common[4 + i + 2:]  # the batch size differs below
+    common = ["--model", str(tiny_checkpoint), "--method", method, *COMMON]
     train([*common, "--batch-size", "4", "--out", str(tmp_path / "one")])
     train([*common, "--batch-size", "2", "--out", str(tmp_path / "two")], nproc=2)  # 2 x 2 = the same step
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
@@ -38,3 +37,18 @@ def test_two_processes_match_one(tiny_checkpoint, tmp_path, method):
     for k in w1:
         assert (w1[k] - w2[k]).abs().max() < 1e-4, k
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter", "results.json"]  # rank 0 wrote, once
+
+
+@pytest.mark.parametrize("method", ["sft", "der"])
+def test_fsdp_matches_one_process(tiny_checkpoint, tmp_path, method):
+    """FSDP2 (fully_shard per block) over two gloo processes: the same losses and adapter as one process."""
+    common = ["--model", str(tiny_checkpoint), "--method", method, *COMMON, "--ckpt-every", "0"]
+    train([*common, "--batch-size", "4", "--out", str(tmp_path / "one")])
+    train([*common, "--batch-size", "2", "--fsdp", "--out", str(tmp_path / "two")], nproc=2)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    for (s1, a), (s2, b) in zip(one["history"][0]["losses"], two["history"][0]["losses"]):
+        assert s1 == s2 and b == pytest.approx(a, rel=1e-4)
+    assert two["asr"] == one["asr"] and two["task_accuracy"] == one["task_accuracy"]  # every process evaluated alike
+    w1, w2 = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("one", "two"))
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max() < 1e-4, k
