@@ -208,7 +208,8 @@ def collect(results):
         row = {"method": name[: -len(suffix)] if name.endswith(suffix) else name, "scenario": r["scenario"],
                "seed": r["seed"], "poison_ratio": r.get("poison_ratio"), **{k: r.get(k) for k in METRICS},
                **{f"start_{k}": r.get("start", {}).get(k) for k in METRICS}, "train_seconds": r.get("train_seconds"),
-               "total_seconds": r.get("total_seconds"), "out": str(path.parent)}
+               "total_seconds": r.get("total_seconds"), "out": str(path.parent),
+               **{f"asr {bench}": v for bench, v in r.get("asr_by_set", {}).items()}}  # several --harmful sets
         order = list(METHODS).index(r["method"]) if r.get("method") in METHODS else len(METHODS)
         rows.append(((row["scenario"], order, row["method"], row["seed"]), row))
     return [row for _, row in sorted(rows, key=lambda kr: kr[0])]
@@ -238,14 +239,19 @@ def groups_of(rows):
     return groups, start
 
 
+def bench_columns(rows):
+    return sorted({k for row in rows for k in row if k.startswith("asr ")})
+
+
 def markdown(rows, results):
     groups, start = groups_of(rows)
+    sets = bench_columns(rows)  # ASR per benchmark when the runs had several --harmful sets
     lines = [f"{len(rows)} runs under {results / 'runs'}; mean ± sample standard deviation (n-1) over seeds "
              "(a single seed: its value). Percentages; train time in seconds.", "",
-             "| method | scenario | seeds | ASR % | over-refusal % | task acc % | train s |",
-             "|---|---|---|---|---|---|---|"]
+             f"| method | scenario | seeds | ASR % | {''.join(f'{c} % | ' for c in sets)}over-refusal % | task acc % | train s |",
+             f"|---|---|---|---|{'---|' * len(sets)}---|---|---|"]
     for (method, scenario), rs in [(("starting model", "-"), start), *groups.items()]:
-        cells = [fmt([r[k] for r in rs]) for k in METRICS]
+        cells = [fmt([r.get(k) for r in rs]) for k in ("asr", *sets, "over_refusal", "task_accuracy")]
         seconds = "-" if method == "starting model" else fmt([r["train_seconds"] for r in rs], 1, 0)
         lines.append(f"| {method} | {scenario} | {len(rs)} | {' | '.join(cells)} | {seconds} |")
     return "\n".join(lines) + "\n"
@@ -291,7 +297,7 @@ def summarize(results):
         print(f"no finished runs under {results / 'runs'}: no summary")
         return None
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, [*COLUMNS, *bench_columns(rows)], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(results / "summary.csv", buf.getvalue().encode())

@@ -385,7 +385,8 @@ def run(args):
         held_apart = set(range(len(safety))[align.POISON])
         safety = [s for i, s in enumerate(safety) if i not in held_apart]
     memory = tokenize(tok, safety, args.max_len, f"--safety-data {args.safety_data}")
-    harmful = [h for spec in args.harmful.split(",") for h in data.load_prompts(spec, args.data_dir)]
+    specs = args.harmful.split(",")  # several benchmarks: ASR per benchmark too (asr_by_set), as the paper reports
+    harmful = [dict(h, set=spec) if len(specs) > 1 else h for spec in specs for h in data.load_prompts(spec, args.data_dir)]
     sensitive = data.load_prompts(args.sensitive, args.data_dir) if args.sensitive else []
     # the decoding step compiled with CUDA graphs: generation of a small model is kernel-launch bound
     decode = torch.compile(model, mode="reduce-overhead", fullgraph=True) if args.compile and args.device.startswith("cuda") else None

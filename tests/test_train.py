@@ -89,3 +89,12 @@ def test_save_both_exports_load_in_transformers_and_peft(tiny_checkpoint, tmp_pa
     torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(peft, expected, rtol=1e-4, atol=1e-4)
     assert (out / "merged" / "tokenizer.json").exists()
+
+
+def test_several_harmful_sets_get_their_own_asr(tiny_checkpoint, tmp_path):
+    adv, txt = os.path.join(FIX, "advbench.csv"), os.path.join(FIX, "prompts.txt")
+    i = FAST.index("--harmful")
+    res = train.main(["--model", str(tiny_checkpoint), "--out", str(tmp_path / "run"), *FAST[:i], *FAST[i + 2:],
+                      "--harmful", f"{adv},{txt}"])
+    by_set = res["history"][0]["asr_by_set"]
+    assert set(by_set) == {adv, txt} and all(0 <= v <= 1 for v in by_set.values())
