@@ -347,8 +347,9 @@ def run(args):
     if not args.resume:
         if (ckpt_dir / "manifest.json").exists() and not args.overwrite:
             raise ValueError(f"--out {out}: holds a stopped run ({ckpt_dir}); pass --resume to continue it or --overwrite to start over")
-        if rank == 0:
+        if rank == 0:  # --overwrite: the old run goes now, so a stopped new run never sits beside old results
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+            (out / "results.json").unlink(missing_ok=True)
     t_start = time.time()
     torch.manual_seed(args.seed)
     random.seed(args.seed)

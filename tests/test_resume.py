@@ -180,3 +180,14 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_check
     msg = str(e.value.code)
     assert msg.startswith("error: non-finite loss") and "at step 9/30" in msg and "(step 6), is kept" in msg
     assert json.loads((out / "ckpt" / "manifest.json").read_text())["step"] == 6
+
+
+def test_overwrite_then_stop_then_resume(tiny_checkpoint, tmp_path, uninterrupted):
+    """--overwrite removes the finished run at once: a stopped rerun resumes instead of meeting old results."""
+    out = tmp_path / "run"
+    train.main(argv(tiny_checkpoint, out, "--seed", "1"))
+    with pytest.raises(SystemExit):
+        train.main(argv(tiny_checkpoint, out, "--overwrite", "--stop-after", "4"))
+    assert not (out / "results.json").exists() and (out / "ckpt" / "manifest.json").exists()
+    train.main(argv(tiny_checkpoint, out, "--resume"))
+    assert_same_run(uninterrupted("sft"), out)
