@@ -169,6 +169,8 @@ def evaluate(model, tok, harmful=(), sensitive=(), tasks=None, judge=None, max_n
             if key == "category" or None not in n:  # by the prompts' own categories; by set when eval.py names them
                 res[f"asr_by_{key}"] = {c: hits[c] / k for c, k in sorted(n.items())}
                 res[f"n_by_{key}"] = dict(sorted(n.items()))
+        if len(res.get("asr_by_set", {})) > 1:  # the paper averages over benchmarks, not over prompts
+            res["asr_mean_of_sets"] = sum(res["asr_by_set"].values()) / len(res["asr_by_set"])
         if any(v["reply"] is not None for v in verdicts):  # a model judge: its categories, its failures
             flagged = Counter(c for v in verdicts for c in dict.fromkeys(v["categories"]))
             res["judge_categories"] = {f"{c} {GUARD_CATEGORIES.get(c, '?')}": flagged[c] for c in

@@ -209,7 +209,8 @@ def collect(results):
                "seed": r["seed"], "poison_ratio": r.get("poison_ratio"), **{k: r.get(k) for k in METRICS},
                **{f"start_{k}": r.get("start", {}).get(k) for k in METRICS}, "train_seconds": r.get("train_seconds"),
                "total_seconds": r.get("total_seconds"), "out": str(path.parent),
-               **{f"asr {bench}": v for bench, v in r.get("asr_by_set", {}).items()}}  # several --harmful sets
+               **{f"asr {bench}": v for bench, v in r.get("asr_by_set", {}).items()},  # several --harmful sets
+               **({"asr mean of sets": r["asr_mean_of_sets"]} if "asr_mean_of_sets" in r else {})}
         order = list(METHODS).index(r["method"]) if r.get("method") in METHODS else len(METHODS)
         rows.append(((row["scenario"], order, row["method"], row["seed"]), row))
     return [row for _, row in sorted(rows, key=lambda kr: kr[0])]

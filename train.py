@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import data
 import lora
-from eval import evaluate, make_judge, print_table
+from eval import evaluate, make_judge, print_details, print_table
 from methods import METHODS
 from methods.base import collate, to_device
 from checkpoint import (RESUME_MAY_CHANGE, Stopped, load_optimizer, optimizer_state, read_checkpoint, restore, snapshot,
@@ -480,6 +480,7 @@ def run(args):
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is finished: OUT holds a checkpoint or results.json
     print()
     print_table([("starting model", start)] + [(f"after {h['task']} ({args.method}, {args.scenario})", h) for h in history])
+    print_details(final)
     print(f"train {train_seconds:.0f}s, total {results['total_seconds']:.0f}s; wrote {out / 'results.json'}")
     return results
 

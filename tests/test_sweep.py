@@ -200,10 +200,11 @@ def test_asr_per_benchmark_gets_its_own_columns(tmp_path):
     for seed, by_set in ((0, {"advbench": 0.2, "hexphi": 0.4}), (1, {"advbench": 0.4, "hexphi": 0.6})):
         write_run(results, f"sft-poisoned-s{seed}", "sft", "poisoned", seed, 0.3, 0.1, 0.2, (0.1, 0.1, 0.1), 10)
         r = json.loads((results / "runs" / f"sft-poisoned-s{seed}" / "results.json").read_text())
-        (results / "runs" / f"sft-poisoned-s{seed}" / "results.json").write_text(json.dumps(dict(r, asr_by_set=by_set)))
+        mean = sum(by_set.values()) / 2
+        (results / "runs" / f"sft-poisoned-s{seed}" / "results.json").write_text(json.dumps(dict(r, asr_by_set=by_set, asr_mean_of_sets=mean)))
     sweep.main(["--summarize-only", "--results", str(results)])
     with open(results / "summary.csv") as f:
         assert [r["asr advbench"] for r in csv.DictReader(f)] == ["0.2", "0.4"]
     md = (results / "summary.md").read_text()
-    assert "| ASR % | asr advbench % | asr hexphi % |" in md
+    assert "| ASR % | asr advbench % | asr hexphi % | asr mean of sets % |" in md
     assert md_cells(md, "sft", "poisoned")[:4] == ["2", "30.0 ± 0.0", "30.0 ± 14.1", "50.0 ± 14.1"]

@@ -98,3 +98,4 @@ def test_several_harmful_sets_get_their_own_asr(tiny_checkpoint, tmp_path):
                       "--harmful", f"{adv},{txt}"])
     by_set = res["history"][0]["asr_by_set"]
     assert set(by_set) == {adv, txt} and all(0 <= v <= 1 for v in by_set.values())
+    assert res["history"][0]["asr_mean_of_sets"] == pytest.approx(sum(by_set.values()) / 2)
