@@ -268,13 +268,13 @@ def plot(rows, path):
         print(f"matplotlib is not installed: no {path.name} (pip install matplotlib); the table is written")
         return False
     groups, start = groups_of(rows)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    colours = {}
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colours, palette = {}, plt.get_cmap("tab20").colors  # 20 colours: one per method
     for (method, scenario), rs in [(("starting model", "-"), start), *groups.items()]:
         x, y = stats([r["asr"] for r in rs]), stats([r["task_accuracy"] for r in rs])
         if x is None or y is None:
             continue
-        colour = "black" if method == "starting model" else colours.setdefault(method, f"C{len(colours) % 10}")
+        colour = "black" if method == "starting model" else colours.setdefault(method, palette[len(colours) % 20])
         ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], color=colour, capsize=3, linestyle="none",
                     marker={"-": "*", "benign": "o", "poisoned": "^"}.get(scenario, "s"),
                     markersize=11 if scenario == "-" else 8,
@@ -283,7 +283,7 @@ def plot(rows, path):
     ax.set_ylabel("task accuracy %")
     ax.set_title("safety vs utility (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the points stay visible
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
