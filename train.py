@@ -16,11 +16,9 @@ Shape of the loop (nanoGPT): config, setup, data, lr schedule, loop. A method (m
 loss and optional hooks; this file owns backward, accumulation, autocast, the optimizer and the schedule.
 """
 import argparse
-import datetime
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -37,6 +35,7 @@ from tqdm import tqdm
 
 import data
 import lora
+from distributed import DDP, setup_distributed, shard, world_size
 from eval import evaluate, make_judge, print_details, print_table
 from methods import METHODS
 from methods.base import collate, to_device
@@ -147,10 +146,6 @@ def grouped_order(examples, per_step, rng, window=16):
     return [j for step in steps for j in step]
 
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def n_steps(n_examples, args):
     """Optimizer steps of one task of n_examples (a step takes batch x accumulation x processes examples)."""
     return max(1, math.ceil(args.epochs * n_examples / (args.batch_size * args.grad_accum * world_size())))
@@ -255,42 +250,6 @@ def file_hashes(specs, data_dir=None):
     if "default" in specs or "arithmetic" in specs:  # built from the embedded data/ and arithmetic.py
         files += sorted(Path(__file__).parent.joinpath("data").glob("*")) + [Path(__file__).parent / "arithmetic.py"]
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in dict.fromkeys(files) if f.is_file()}
-
-
-def setup_distributed(args):
-    """Under torchrun (WORLD_SIZE > 1): join the process group, one GPU per process. Returns the rank."""
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return 0
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(args.device)
-    # rank 0 alone aligns, evaluates and writes while the others wait: allow it hours, not the default minutes
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
-    return dist.get_rank()
-
-
-def shard(model, args):
-    """FSDP2: each block's weights, then the rest, sharded over the processes; gathered per block when used."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    cuda = args.device.startswith("cuda")
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
-    mesh = init_device_mesh("cuda" if cuda else "cpu", (dist.get_world_size(),))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.inv_freq = model.inv_freq.to(args.device)  # a buffer: not sharded, not moved
-
-
-class DDP(torch.nn.parallel.DistributedDataParallel):
-    """DistributedDataParallel that passes attribute reads (lm_head, config) through to the model, as methods expect."""
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
 
 
 def git_commit():
