@@ -5,6 +5,8 @@ import http.server
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -13,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 import data
+import download
 import eval as evaluate_cli
 from data import DataError
 
@@ -47,9 +50,9 @@ def server(tmp_path, monkeypatch):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_port}"
-    for k in list(data.MIRRORS):
-        monkeypatch.setitem(data.MIRRORS, k, url)
-    monkeypatch.setitem(data.MIRRORS, "local", url)
+    for k in list(download.MIRRORS):
+        monkeypatch.setitem(download.MIRRORS, k, url)
+    monkeypatch.setitem(download.MIRRORS, "local", url)
     yield SimpleNamespace(www=www, hits=hits, url=url)
     httpd.shutdown()
     httpd.server_close()
@@ -63,48 +66,48 @@ def serve(server, rel, src):
 def test_download_verifies_writes_and_keeps_present_files(server, tmp_path, monkeypatch, capsys):
     serve(server, "a/adv.csv", FIX / "advbench.csv")
     serve(server, "b/gsm.jsonl", FIX / "gsm8k.jsonl")
-    monkeypatch.setitem(data.DOWNLOADS, "toy", [("local", "a/adv.csv", digest("sha256", FIX / "advbench.csv"), "toy/adv.csv"),
+    monkeypatch.setitem(download.DOWNLOADS, "toy", [("local", "a/adv.csv", digest("sha256", FIX / "advbench.csv"), "toy/adv.csv"),
                                                  ("local", "b/gsm.jsonl", digest("md5", FIX / "gsm8k.jsonl"), "toy/gsm.jsonl")])
     d = tmp_path / "pub"
-    got = data.download("toy", d)
+    got = download.download("toy", d)
     assert got == [d / "toy/adv.csv", d / "toy/gsm.jsonl"]
     assert (d / "toy/adv.csv").read_bytes() == (FIX / "advbench.csv").read_bytes()
     assert (d / "toy/gsm.jsonl").read_bytes() == (FIX / "gsm8k.jsonl").read_bytes()
     assert server.hits == ["/a/adv.csv", "/b/gsm.jsonl"] and not leftovers(d)
     (d / "toy/gsm.jsonl").unlink()  # one file gone: only that one is fetched again
-    data.download("toy", d)
+    download.download("toy", d)
     assert server.hits[2:] == ["/b/gsm.jsonl"]
-    data.main(["download", "toy", "--data-dir", str(d)])  # the CLI; both present: nothing fetched
+    download.main(["toy", "--data-dir", str(d)])  # the CLI; both present: nothing fetched
     assert len(server.hits) == 3 and "already there" in capsys.readouterr().out
 
 
 def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     """The real AdvBench entry, served a different file: an error and no file (the URL base is overridden)."""
-    _, path, checksum, dest = data.DOWNLOADS["advbench"][0]
+    _, path, checksum, dest = download.DOWNLOADS["advbench"][0]
     serve(server, path, FIX / "advbench.csv")
     d = tmp_path / "pub"
     with pytest.raises(DataError, match="sha256 checksum mismatch") as e:
-        data.download("advbench", d)
+        download.download("advbench", d)
     assert checksum.split(":")[1] in str(e.value) and "\n" not in str(e.value)
     assert not (d / dest).exists() and not leftovers(d)
     assert server.hits == ["/" + path]
 
 
 def test_http_404_is_a_clear_error(server, tmp_path, monkeypatch):
-    monkeypatch.setitem(data.DOWNLOADS, "toy", [("local", "nope.csv", None, "toy/nope.csv")])
+    monkeypatch.setitem(download.DOWNLOADS, "toy", [("local", "nope.csv", None, "toy/nope.csv")])
     d = tmp_path / "pub"
     with pytest.raises(DataError, match=re.escape(f"{server.url}/nope.csv: HTTP 404")):
-        data.download("toy", d)
+        download.download("toy", d)
     assert not (d / "toy/nope.csv").exists() and not leftovers(d)
     with pytest.raises(SystemExit) as e:  # the CLI: one line
-        data.main(["download", "toy", "--data-dir", str(d)])
+        download.main(["toy", "--data-dir", str(d)])
     assert "HTTP 404" in str(e.value.code)
 
 
 def test_unknown_checksum_prints_the_hash_as_unverified(server, tmp_path, monkeypatch, capsys):
     serve(server, "x.csv", FIX / "advbench.csv")
-    monkeypatch.setitem(data.DOWNLOADS, "toy", [("local", "x.csv", None, "toy/x.csv")])
-    data.download("toy", tmp_path / "pub")
+    monkeypatch.setitem(download.DOWNLOADS, "toy", [("local", "x.csv", None, "toy/x.csv")])
+    download.download("toy", tmp_path / "pub")
     out = capsys.readouterr().out
     assert digest("sha256", FIX / "advbench.csv").split(":")[1] in out and "unverified" in out
 
@@ -115,35 +118,35 @@ def test_archive_members_are_verified_before_any_is_written(server, tmp_path, mo
         z.write(FIX / "gsm8k.jsonl", "SST-2/dev.tsv")  # the wrong bytes under the second name
     members = {"SST-2/train.tsv": ("toy/train.tsv", digest("md5", FIX / "sst2.tsv")),
                "SST-2/dev.tsv": ("toy/dev.tsv", digest("md5", FIX / "sst2.tsv"))}
-    monkeypatch.setitem(data.DOWNLOADS, "toy", [("local", "SST-2.zip", digest("md5", server.www / "SST-2.zip"), members)])
+    monkeypatch.setitem(download.DOWNLOADS, "toy", [("local", "SST-2.zip", digest("md5", server.www / "SST-2.zip"), members)])
     d = tmp_path / "pub"
     with pytest.raises(DataError, match="SST-2/dev.tsv: md5 checksum mismatch"):
-        data.download("toy", d)
+        download.download("toy", d)
     assert not (d / "toy").exists() and not leftovers(d)
     members["SST-2/dev.tsv"] = ("toy/dev.tsv", digest("md5", FIX / "gsm8k.jsonl"))
-    data.download("toy", d)
+    download.download("toy", d)
     assert (d / "toy/train.tsv").read_bytes() == (FIX / "sst2.tsv").read_bytes()
     assert (d / "toy/dev.tsv").read_bytes() == (FIX / "gsm8k.jsonl").read_bytes() and not leftovers(d)
 
 
 def test_sets_that_cannot_be_fetched_say_how_to_get_them(tmp_path):
     with pytest.raises(DataError, match="gated: accept its license at https://huggingface.co/datasets/LLM-Tuning-Safety/HEx-PHI"):
-        data.download("hexphi", tmp_path)
+        download.download("hexphi", tmp_path)
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}/directharm4/test.csv")):
-        data.download("directharm4", tmp_path)
+        download.download("directharm4", tmp_path)
     with pytest.raises(SystemExit) as e:
-        data.main(["download", "nope", "--data-dir", str(tmp_path)])
+        download.main(["nope", "--data-dir", str(tmp_path)])
     assert "unknown; downloadable: advbench" in str(e.value.code)
 
 
 def test_the_download_table():
     """Every benchmark is downloadable or explained; each download lands on the benchmark's own paths."""
-    assert set(data.DOWNLOADS) | set(data.MANUAL) == set(data.BENCHMARKS)
-    assert not set(data.DOWNLOADS) & set(data.MANUAL)
-    for name, files in data.DOWNLOADS.items():
+    assert set(download.DOWNLOADS) | set(data.MANUAL) == set(data.BENCHMARKS)
+    assert not set(download.DOWNLOADS) & set(data.MANUAL)
+    for name, files in download.DOWNLOADS.items():
         dests = []
         for mirror, path, checksum, to in files:
-            assert mirror in data.MIRRORS and not path.startswith("/")
+            assert mirror in download.MIRRORS and not path.startswith("/")
             sums = [checksum] + ([c for _, c in to.values()] if isinstance(to, dict) else [])
             assert all(re.fullmatch(r"sha256:[0-9a-f]{64}|md5:[0-9a-f]{32}", c) for c in sums), (name, sums)
             dests += [d for d, _ in to.values()] if isinstance(to, dict) else [to]
@@ -208,3 +211,13 @@ def test_eval_reads_benchmarks_by_name(public, tiny_checkpoint, tmp_path, capsys
     assert os.path.join(str(public), "sst2", "dev.tsv") in res["data_hashes"]
     out = capsys.readouterr().out
     assert "hexphi/category_10" in out and "task sst2: accuracy" in out
+
+
+def test_the_command_line_is_data_py_download(tmp_path):
+    """`python data.py download` is the documented command: it hands over to download.py."""
+    root = Path(__file__).parent.parent
+    run = lambda *a: subprocess.run([sys.executable, "data.py", *a], cwd=root, capture_output=True, text=True)
+    r = run("download", "nope", "--data-dir", str(tmp_path))
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "nope: unknown" in r.stderr
+    r = run("fetch", "advbench")
+    assert r.returncode != 0 and "usage: python data.py download NAME" in r.stderr
