@@ -27,9 +27,10 @@ from model import Transformer, atomic_write
 ROOT = Path(__file__).parent / "checkpoints"
 ALIGNED = ROOT / "smollm2-135m-instruct-aligned"
 GENERATED = ROOT / "generated"
-# alignment recipe (feasibility.md): a larger LoRA on every projection, a couple of epochs
+# alignment recipe (feasibility.md; README "How the default was chosen"): a larger LoRA on every
+# projection; every harmful train prompt refused both as written and framed
 RECIPE = dict(lora_rank=16, lora_alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-              lr=3e-4, epochs=1.5, batch_size=8, max_new_tokens=64)
+              lr=1e-3, epochs=1.5, batch_size=8, max_new_tokens=64, refusals="plain+framed", helpful="non-refusing")
 
 
 POISON = slice(3, None, 4)  # the harmful training prompts set apart for the poison; the safety memory keeps the rest
@@ -73,6 +74,10 @@ def base_answers(base_dir, device):
 def ensure_aligned(device="cpu") -> Path:
     """The aligned checkpoint of the default experiment, built on first use (a few minutes on a CPU)."""
     if (ALIGNED / "config.json").exists():
+        built = json.loads((ALIGNED / "recipe.json").read_text()) if (ALIGNED / "recipe.json").exists() else None
+        if built != json.loads(json.dumps(RECIPE)):
+            raise ValueError(f"{ALIGNED}: built by an older recipe of align.py; delete it to rebuild the aligned model, "
+                             "or pass it as --model to keep using it")
         return ALIGNED
     import prepare
     from tokenizer import Tokenizer
@@ -84,8 +89,9 @@ def ensure_aligned(device="cpu") -> Path:
     print(f"building the provider's aligned model from {base} (once; cached in {ALIGNED})")
     base_answers(base, device)
     tok = Tokenizer.from_pretrained(base)
-    refusals = data.safety_data("default")
+    refusals = data.safety_data("default", both=True)
     helpful = data.load_task(str(GENERATED / "benign.jsonl"), "all")
+    helpful = [h for h in helpful if not data.is_refusal(h["response"])]  # the base model's own "I'm sorry ..." replies
     examples = tokenize(tok, refusals + helpful, 320, "alignment data")
     model = Transformer.from_pretrained(base, device=device, dtype=torch.float32)
     r = RECIPE
@@ -97,5 +103,6 @@ def ensure_aligned(device="cpu") -> Path:
     tmp = ROOT / f".{ALIGNED.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer_from=base)
+    atomic_write(tmp / "recipe.json", json.dumps(RECIPE, indent=1).encode())
     tmp.rename(ALIGNED)  # the finished directory appears at once or not at all
     return ALIGNED

@@ -428,10 +428,12 @@ def _frame(request: str, i: int) -> str:
     return f.format(r=request, l=request[0].lower() + request[1:])
 
 
-def safety_data(spec: str = "default") -> list[dict]:
+def safety_data(spec: str = "default", both: bool = False) -> list[dict]:
     """The safety memory M: [{"prompt", "response", "category"}].
 
-    "default": the harmful train prompts (every other one framed, FRAMINGS), each with a refusal from refusals.txt. A path: BeaverTails
+    "default": the harmful train prompts (every other one framed, FRAMINGS), each with a refusal from
+    refusals.txt; both=True (the provider's alignment data) appends the other half, so every prompt
+    appears twice, as written and framed. A path: BeaverTails
     gives its safe rows; chat / instruction / prompt files give their responses; rows without one
     (and prompt-only formats such as AdvBench or HEx-PHI) get a refusal. Benign examples for M are
     answered by the base model at preparation time (train.py), not here."""
@@ -443,8 +445,8 @@ def safety_data(spec: str = "default") -> list[dict]:
         if not recs:
             raise DataError(f"{spec}: no safe rows")
     refusals = refusal_answers()
-    if spec == "default":  # same order and length as harmful-train: index i is that prompt, framed
-        recs = [{**r, "prompt": _frame(r["prompt"], i)} for i, r in enumerate(recs)]
+    if spec == "default":  # index i < len(harmful-train) is prompt i (framed if i is odd); both: then each in the other form
+        recs = [{**r, "prompt": _frame(r["prompt"], i + k)} for k in ((0, 1) if both else (0,)) for i, r in enumerate(recs)]
     return [{"prompt": r["prompt"], "response": r["response"] or _pick_refusal(r["prompt"], refusals),
              "category": r["category"]} for r in recs]
 

@@ -74,6 +74,13 @@ def test_safety_data_default():
     assert all(set(x) == {"prompt", "response", "category"} and data.is_refusal(x["response"]) for x in m)
     assert len({x["response"] for x in m}) >= 25  # varied refusals
     assert m == data.safety_data()  # deterministic
+    plain = [x["prompt"] for x in data.load_prompts("harmful-train")]
+    assert [x["prompt"] for x in m[::2]] == plain[::2] and all(p not in plain for p in [x["prompt"] for x in m[1::2]])
+    both = data.safety_data(both=True)  # the provider's alignment data: every prompt as written and framed
+    assert both[:len(m)] == m and len(both) == 2 * len(m)
+    for i, p in enumerate(plain):
+        forms = [both[i]["prompt"], both[len(m) + i]["prompt"]]
+        assert p in forms and sum(f != p and (p in f or p[0].lower() + p[1:] in f) for f in forms) == 1
 
 
 def test_is_refusal():

@@ -99,3 +99,19 @@ def test_several_harmful_sets_get_their_own_asr(tiny_checkpoint, tmp_path):
     by_set = res["history"][0]["asr_by_set"]
     assert set(by_set) == {adv, txt} and all(0 <= v <= 1 for v in by_set.values())
     assert res["history"][0]["asr_mean_of_sets"] == pytest.approx(sum(by_set.values()) / 2)
+
+
+def test_an_aligned_model_of_an_older_recipe_is_not_used(tmp_path, monkeypatch):
+    """A cached aligned model records align.RECIPE; one built by another recipe is an error, not silently reused."""
+    import align
+    d = tmp_path / "aligned"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    monkeypatch.setattr(align, "ALIGNED", d)
+    with pytest.raises(ValueError, match="older recipe of align.py; delete it"):
+        align.ensure_aligned()
+    (d / "recipe.json").write_text(json.dumps({**align.RECIPE, "lr": 3e-4}))
+    with pytest.raises(ValueError, match="older recipe"):
+        align.ensure_aligned()
+    (d / "recipe.json").write_text(json.dumps(align.RECIPE))
+    assert align.ensure_aligned() == d
