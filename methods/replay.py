@@ -18,5 +18,5 @@ class Replay(Method):
         if self.args.replay_ratio < 0:
             raise ValueError(f"--replay-ratio must be >= 0, got {self.args.replay_ratio}")
         n = round(self.args.replay_ratio * len(task))
-        extra = [memory[self.rng.randrange(len(memory))] for _ in range(n)]  # with replacement if M is small
+        extra = [memory[self.rng.randrange(len(memory))] for _ in range(n)]  # with replacement: any ratio works, whatever |M|
         return list(task) + extra
