@@ -310,8 +310,6 @@ def run(args):
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             (out / "results.json").unlink(missing_ok=True)
     t_start = time.time()
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
     if args.model:
         model_dir, poison_source = Path(args.model), args.poison_data
     else:
@@ -322,6 +320,8 @@ def run(args):
         if rank == 0 and dist.is_initialized():
             dist.barrier()
         poison_source = align.poison_file() if args.poison_data == "generated" else args.poison_data
+    torch.manual_seed(args.seed)  # after, not before, the alignment: building it (first run only) draws from both
+    random.seed(args.seed)
     tok = Tokenizer.from_pretrained(model_dir, chat_format=args.chat_format)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = Transformer.from_pretrained(model_dir, device="cpu" if args.fsdp else args.device, dtype=dtype)  # FSDP: shards go to the GPU

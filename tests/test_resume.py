@@ -101,6 +101,20 @@ def test_same_seed_same_adapter(tiny_checkpoint, tmp_path, uninterrupted):
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
+
+def test_first_run_that_builds_the_aligned_model_equals_a_later_run(tiny_checkpoint, tmp_path, uninterrupted, monkeypatch):
+    """Building the aligned model (first run only) draws from torch's and Python's generators; the user's
+    LoRA init and data order must not depend on it, or a first run differs from every later one."""
+    import align
+
+    def build(device):
+        torch.rand(10), random.random()  # as the alignment's LoRA init and shuffling do
+        return tiny_checkpoint
+    monkeypatch.setattr(align, "ensure_aligned", build)
+    train.main(argv(tiny_checkpoint, tmp_path / "first", method="derpp")[2:])  # no --model: the default path
+    assert_same_run(uninterrupted("derpp"), tmp_path / "first")
+
+
 def subprocess_run(tiny_checkpoint, out):
     """`python train.py` of LONG in the background, with as many threads as this process."""
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
