@@ -12,6 +12,7 @@ dropped). No harmful text is written by hand in this repository. Everything is c
 checkpoints/ and written atomically, so an interrupted preparation is redone, never trusted.
 """
 import json
+import random
 import shutil
 from argparse import Namespace
 from pathlib import Path
@@ -87,6 +88,8 @@ def ensure_aligned(device="cpu") -> Path:
     except RuntimeError as e:
         raise ValueError(str(e)) from None
     print(f"building the provider's aligned model from {base} (once; cached in {ALIGNED})")
+    torch.manual_seed(0)  # the same aligned model whatever the user's --seed (train.py seeds after this)
+    random.seed(0)
     base_answers(base, device)
     tok = Tokenizer.from_pretrained(base)
     refusals = data.safety_data("default", both=True)
