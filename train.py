@@ -16,6 +16,7 @@ Shape of the loop (nanoGPT): config, setup, data, lr schedule, loop. A method (m
 loss and optional hooks; this file owns backward, accumulation, autocast, the optimizer and the schedule.
 """
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -467,6 +468,9 @@ def main(argv=None):
         sys.exit("interrupted")
     finally:
         if dist.is_initialized():
+            # free the DDP / FSDP objects (held in reference cycles) while the interpreter is alive: left to
+            # interpreter exit, their process group's gloo threads can abort the process (SIGABRT, seen in CI)
+            gc.collect()
             dist.destroy_process_group()
 
 
