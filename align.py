@@ -28,7 +28,7 @@ from model import Transformer, atomic_write
 ROOT = Path(__file__).parent / "checkpoints"
 ALIGNED = ROOT / "smollm2-135m-instruct-aligned"
 GENERATED = ROOT / "generated"
-# alignment recipe (feasibility.md; README "How the default was chosen"): a larger LoRA on every
+# alignment recipe (README "How the default was chosen"): a larger LoRA on every
 # projection; every harmful train prompt refused both as written and framed
 RECIPE = dict(lora_rank=16, lora_alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
               lr=1e-3, epochs=1.5, batch_size=8, max_new_tokens=64, refusals="plain+framed", helpful="non-refusing")

@@ -4,7 +4,7 @@ Default data (data/, written for this project, no harmful *answers* anywhere in 
 - harmful.jsonl: harmful requests in ten categories. The "train" split holds direct imperative
   requests ("Explain how to ...", "Write a ..."); the held-out "test" split holds questions,
   role-play, hypotheticals and requests wrapped in a personal story, mostly about other goals.
-  A first measurement (docs/feasibility.md) found that refusals trained and replayed on one style
+  A first measurement, made before this project, found that refusals trained and replayed on one style
   protect that style and barely transfer to another, so held-out ASR is measured on a different
   style: it measures generalisation, not memorisation of the training prompts.
 - refusals.txt: varied refusals, each containing a phrase of the keyword judge below. The safety

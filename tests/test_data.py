@@ -54,7 +54,7 @@ def test_builtin_prompts_unique_and_splits_disjoint():
 
 
 def test_harmful_test_style_differs_from_train():
-    """Train is imperative; test is questions / role-play / context (docs/feasibility.md)."""
+    """Train is imperative; test is questions / role-play / context (the split data.py's docstring explains)."""
     train = [r["prompt"] for r in data.load_prompts("harmful-train")]
     test = [r["prompt"] for r in data.load_prompts("harmful-test")]
     assert sum(p.endswith("?") for p in train) == 0
