@@ -2,7 +2,7 @@
 measure what it forgot ("Unforgotten Safety", Alssum et al. 2025).
 
     python train.py --method replay                       # the default experiment, benign user data
-    python train.py --method der --scenario poisoned      # 10% of the user's examples are harmful
+    python train.py --method der --scenario poisoned      # 1 harmful example per 10 of the user's
     python train.py --model DIR --task gsm8k.jsonl ...    # your own aligned checkpoint and data
     python train.py ... --resume                          # go on from OUT/ckpt after Ctrl-C, SIGTERM or a crash
 
