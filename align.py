@@ -10,6 +10,9 @@ The same preparation generates the poison for the poisoned scenario: the *unalig
 compliant answers to a held-apart quarter of the harmful training prompts (answers that refuse are
 dropped). No harmful text is written by hand in this repository. Everything is cached under
 checkpoints/ and written atomically, so an interrupted preparation is redone, never trusted.
+
+The alignment trains with the user's loop (loop.fit) and plain SFT; what differs is the data and the
+recipe below. train.py calls ensure_aligned() on its first run.
 """
 import json
 import random
@@ -21,11 +24,16 @@ import torch
 
 import data
 import lora
-from eval import answer
+import prepare
+from batches import tokenize
+from eval import answer, is_refusal
+from loop import fit
 from methods.sft import SFT
 from model import Transformer, atomic_write
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).parent / "checkpoints"
+BASE = ROOT / "smollm2-135m-instruct"  # the unaligned checkpoint, theta_base (prepare.py)
 ALIGNED = ROOT / "smollm2-135m-instruct-aligned"
 GENERATED = ROOT / "generated"
 # alignment recipe (README "How the default was chosen"): a larger LoRA on every
@@ -57,7 +65,6 @@ def write_jsonl(path, rows):
 
 def base_answers(base_dir, device):
     """Generate (once) the base model's answers: helpful ones for benign prompts, compliant ones for the poison."""
-    from tokenizer import Tokenizer
     benign_f, poison_f = GENERATED / "benign.jsonl", Path(poison_file())
     if benign_f.exists() and poison_f.exists():
         return
@@ -69,7 +76,7 @@ def base_answers(base_dir, device):
     write_jsonl(benign_f, [{"prompt": p, "response": trim(a)} for p, a in zip(prompts, answers) if a.strip()])
     harmful = poison_prompts()
     answers = answer(model, tok, harmful, n, desc="base model answers poison prompts")
-    write_jsonl(poison_f, [{"prompt": p, "response": trim(a)} for p, a in zip(harmful, answers) if not data.is_refusal(a)])
+    write_jsonl(poison_f, [{"prompt": p, "response": trim(a)} for p, a in zip(harmful, answers) if not is_refusal(a)])
 
 
 def ensure_aligned(device="cpu") -> Path:
@@ -80,11 +87,8 @@ def ensure_aligned(device="cpu") -> Path:
             raise ValueError(f"{ALIGNED}: built by an older recipe of align.py; delete it to rebuild the aligned model, "
                              "or pass it as --model to keep using it")
         return ALIGNED
-    import prepare
-    from tokenizer import Tokenizer
-    from train import tokenize, train
     try:
-        base = prepare.prepare_default(ROOT / "smollm2-135m-instruct")
+        base = prepare.prepare_default(BASE)
     except RuntimeError as e:
         raise ValueError(str(e)) from None
     print(f"building the provider's aligned model from {base} (once; cached in {ALIGNED})")
@@ -94,14 +98,13 @@ def ensure_aligned(device="cpu") -> Path:
     tok = Tokenizer.from_pretrained(base)
     refusals = data.safety_data("default", both=True)
     helpful = data.load_task(str(GENERATED / "benign.jsonl"), "all")
-    helpful = [h for h in helpful if not data.is_refusal(h["response"])]  # the base model's own "I'm sorry ..." replies
+    helpful = [h for h in helpful if not is_refusal(h["response"])]  # the base model's own "I'm sorry ..." replies
     examples = tokenize(tok, refusals + helpful, 320, "alignment data")
     model = Transformer.from_pretrained(base, device=device, dtype=torch.float32)
     r = RECIPE
     lora.apply_lora(model, r["lora_rank"], r["lora_alpha"], 0.0, r["targets"])
-    args = Namespace(seed=0, lr=r["lr"], warmup=0.05, epochs=r["epochs"], batch_size=r["batch_size"], grad_accum=1,
-                     device=device, dtype="bf16" if device.startswith("cuda") else "fp32")
-    train(model, model, SFT(args), examples, args, tok.pad_id, desc="provider alignment")
+    fit(model, SFT(Namespace(seed=0)), examples, lr=r["lr"], epochs=r["epochs"], batch_size=r["batch_size"], seed=0,
+        pad_id=tok.pad_id, device=device, bf16=device.startswith("cuda"), desc="provider alignment")
     lora.merge(model)
     tmp = ROOT / f".{ALIGNED.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

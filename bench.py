@@ -30,7 +30,8 @@ import torch
 
 import lora
 from generate import generate
-from methods.base import collate, nll
+from batches import collate
+from methods.method import nll
 from model import ModelConfig, Transformer
 
 # shapes for timing with random weights (the Hugging Face configs of these models)

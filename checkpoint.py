@@ -1,5 +1,9 @@
 """Checkpoints of a training run (train.py --ckpt-every, --resume, SIGTERM): safetensors + JSON, no pickle.
 
+Checkpoints is what the loop (loop.fit) calls once per step: it catches Ctrl-C and SIGTERM, decides
+when a checkpoint is due, writes it and stops the run after it when asked to. check_resume says
+whether a stopped run may go on with the flags and data it is given.
+
 OUT/ckpt holds one checkpoint. state-TASK-STEP.safetensors has the tensors: the trainable (LoRA) weights,
 torch's RNG states and the method's tensors, now ("now.") and as the task began ("start.": on --resume,
 begin_task and data run again from there), and the optimizer's state. manifest.json has the rest: task,
@@ -8,8 +12,13 @@ It is written last and names the tensor file, so a run killed while writing keep
 checkpoint whole. On a CPU a resumed run ends bitwise equal to an uninterrupted one (tests/test_resume.py).
 """
 import os
+import signal
+import threading
+import time
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from model import read_json, write_json
 
@@ -19,6 +28,81 @@ RESUME_MAY_CHANGE = {"resume", "ckpt_every", "stop_after", "overwrite", "device"
 
 class Stopped(Exception):
     """SIGTERM, Ctrl-C or --stop-after stopped the run after writing a checkpoint."""
+
+
+class Checkpoints:
+    """OUT/ckpt of a run, for the loop: due(done, total) and save(...) once per step, inside `with`.
+
+    A checkpoint is written every `every` optimizer steps, after a task's last step, and after the step
+    in which SIGTERM, Ctrl-C or --stop-after (`stop_after` steps of the whole run) asked the run to
+    stop; Stopped is raised after that one. A second Ctrl-C stops at once, without a checkpoint. The
+    run-level part of the manifest (which task, the finished tasks' results, the config) is what
+    train.py passes to the constructor and to begin_task.
+    """
+
+    def __init__(self, path, every, stop_after=None, rank=0, device="cpu", **run):
+        self.path, self.every, self.stop_after, self.rank, self.device = path, every, stop_after, rank, device
+        self.run = run  # config, data_hashes
+        self.stop, self.last, self.handlers = [], None, {}
+
+    def begin_task(self, task, start, history, steps_before, train_seconds):
+        """A task begins: `start` = snapshot(model, method, "start.") as it began; the rest goes into the manifest."""
+        self.task, self.start, self.t0 = task, start, time.time()
+        self.run.update(history=history, steps_before=steps_before, train_seconds=train_seconds)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            self.handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.handlers.items():
+            signal.signal(s, h)
+        self.handlers = {}
+
+    def on_signal(self, signum, frame):
+        if self.stop:  # asked twice: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.stop.append(signal.Signals(signum).name)
+
+    def due(self, done, total):
+        """Is a checkpoint due after step `done` of the task's `total`?"""
+        if self.stop_after is not None and self.run["steps_before"] + done >= self.stop_after and not self.stop:
+            self.stop.append("--stop-after")
+        if dist.is_initialized():  # every process stops after the same step (a signal may reach them at different steps)
+            flag = torch.tensor([float(bool(self.stop))], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not self.stop:
+                self.stop.append("a signal to another process")
+        return done % self.every == 0 or done == total or bool(self.stop)
+
+    def save(self, done, total, desc, model, method, opt, losses):
+        """Write the checkpoint after step `done` (rank 0); then raise Stopped if the run was asked to stop."""
+        if self.rank == 0:
+            tensors, method_state = snapshot(model, method, "now.")
+            opt_tensors, opt_state = optimizer_state(opt)
+            start_tensors, start_state = self.start
+            write_checkpoint(self.path, {**tensors, **opt_tensors, **start_tensors}, dict(
+                self.run, task=self.task, step=done, losses=losses, method=method_state, start=start_state,
+                optimizer=opt_state, train_seconds=self.run["train_seconds"] + time.time() - self.t0))
+        self.last = f"{self.path} (step {done})"
+        if self.stop:
+            raise Stopped(f"stopped by {self.stop[0]} after step {done}/{total} of {desc}; checkpoint {self.last}: "
+                          "run the same command with --resume to continue")
+
+
+def check_resume(saved, config, data_hashes, changes_frozen_weights, path):
+    """A stopped run goes on only with the flags (but RESUME_MAY_CHANGE) and the data files it had."""
+    was = saved["config"]
+    if diff := sorted(k for k in config.keys() | was.keys() if config.get(k) != was.get(k)):
+        k = diff[0]
+        raise ValueError(f"--resume: the stopped run had --{k.replace('_', '-')} {was.get(k)!r}, this one "
+                         f"{config.get(k)!r}; resume with the same flags")
+    if saved["data_hashes"] != data_hashes:
+        raise ValueError(f"--resume: the data files changed since the checkpoint in {path}; start over with --overwrite")
+    if saved["task"] > 0 and changes_frozen_weights:
+        raise ValueError(f"--resume: --method {config['method']} changed the frozen weights at the end of a task, which "
+                         "a checkpoint does not hold; its runs resume only in their first task")
 
 
 def snapshot(model, method, prefix):
@@ -67,7 +151,6 @@ def load_optimizer(opt, meta, tensors):
 
 def write_checkpoint(path, tensors, meta):
     """The tensors to state-TASK-STEP.safetensors, then manifest.json naming it (the commit); older files go."""
-    from safetensors.torch import save_file
     name = f"state-{meta['task']}-{meta['step']}.safetensors"
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / f".{name}.tmp"))
@@ -80,12 +163,11 @@ def write_checkpoint(path, tensors, meta):
 
 def read_checkpoint(path):
     """(manifest, tensors) of the checkpoint in path."""
-    from safetensors.torch import load_file
     if not (path / "manifest.json").exists():
         raise FileNotFoundError(f"--resume: no checkpoint to resume from in {path} (no manifest.json)")
     meta = read_json(path / "manifest.json")
     keys = {"task", "step", "losses", "history", "steps_before", "train_seconds", "method", "start", "optimizer",
-            "config", "data_hashes", "tensors"}  # what run() writes
+            "config", "data_hashes", "tensors"}  # what Checkpoints.save writes
     if missing := keys - meta.keys():
         raise ValueError(f"{path / 'manifest.json'}: not a checkpoint of this train.py (no {sorted(missing)[0]!r})")
     f = path / meta["tensors"]

@@ -1,6 +1,6 @@
 """Several processes under torchrun: DDP (a copy of the model per GPU) or FSDP2 (`--fsdp`, shards).
 
-train.py uses these; each process takes its share of every step (train.train says how the loss is
+train.py uses these; each process takes its share of every step (loop.py says how the loss is
 normalised so that N processes compute the step one process would).
 """
 import datetime

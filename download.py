@@ -1,4 +1,4 @@
-"""`python data.py download NAME [--data-dir DIR]`: fetch the paper's public benchmarks for users who are online.
+"""`python download.py NAME [--data-dir DIR]`: fetch the paper's public benchmarks for users who are online.
 
 Plain HTTPS from each set's public location (MIRRORS, DOWNLOADS), checked against a pinned checksum,
 written atomically into the data directory that data.py's benchmark names read (data.BENCHMARKS);
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import BENCHMARKS, MANUAL, DataError, public_dir
+from data import BENCHMARKS, MANUAL, public_dir
+from formats import DataError
 
 # Where the files come from. Tests point these at a local server.
 MIRRORS = {"github": "https://raw.githubusercontent.com", "glue": "https://dl.fbaipublicfiles.com/glue/data"}
@@ -133,7 +134,7 @@ def download(name, data_dir=None, quiet=False) -> list[Path]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python data.py download", description="Download the paper's benchmarks.")
+    p = argparse.ArgumentParser(prog="python download.py", description="Download the paper's benchmarks.")
     p.add_argument("names", nargs="+", metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}, or all")
     p.add_argument("--data-dir", help="default: $UNFORGOTTEN_DATA, else data/public")
     args = p.parse_args(argv)
@@ -147,3 +148,7 @@ def main(argv=None):
         for name, how in MANUAL.items():
             print(f"{name}: by hand. {how.format(dir=public_dir(args.data_dir))}")
 
+
+
+if __name__ == "__main__":
+    main()

@@ -23,16 +23,16 @@ PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # same Parameters: keys stay q_proj.weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # same Parameters: keys stay q_proj.weight
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        w = base.weight
-        # adapters stay fp32 even on a bf16 base: the optimizer updates them, and they are small
+        w = linear.weight
+        # adapters stay fp32 even on bf16 frozen weights: the optimizer updates them, and they are small
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=w.device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=w.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's init, as PEFT

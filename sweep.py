@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 import train
+from checkpoint import RESUME_MAY_CHANGE
 from methods import METHODS
 from model import atomic_write, write_json
 
@@ -54,7 +55,7 @@ TRAIN = Path(__file__).resolve().parent / "train.py"
 SET_BY_SWEEP = ("--method", "--scenario", "--seed", "--out", "--overwrite", "--resume")
 # train.py flags that may differ between runs of one table: what the sweep sets per run, and what a resumed run
 # may change (--resume, --ckpt-every, --stop-after, --device, ...: how a run goes, not what it computes)
-NOT_SETTINGS = {"method", "scenario", "seed", "out"} | train.RESUME_MAY_CHANGE
+NOT_SETTINGS = {"method", "scenario", "seed", "out"} | RESUME_MAY_CHANGE
 METRICS = ("asr", "over_refusal", "task_accuracy")
 LABELS = ("ASR", "over-refusal", "task acc")
 COLUMNS = ["method", "scenario", "seed", "poison_ratio", *METRICS, *(f"start_{k}" for k in METRICS),

@@ -12,40 +12,38 @@ starting and the fine-tuned model are evaluated on held-out harmful prompts (ASR
 sensitive prompts (over-refusal) and the task (accuracy). OUT/results.json keeps every number and
 the full config; OUT/adapter is the user's LoRA in PEFT layout.
 
-Shape of the loop (nanoGPT): config, setup, data, lr schedule, loop. A method (methods/) supplies the
-loss and optional hooks; this file owns backward, accumulation, autocast, the optimizer and the schedule.
+The file reads in the order of a run (nanoGPT's shape): flags; set-up (output, device, processes,
+the method); the model and its LoRA; the data; the task loop (loop.fit, the optimizer loop the
+provider's alignment uses too); results and saving. A method (methods/) supplies the loss and hooks.
 """
 import argparse
 import gc
 import hashlib
 import json
-import math
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+import align
 import data
 import lora
+from batches import tokenize
+from checkpoint import (RESUME_MAY_CHANGE, Checkpoints, Stopped, check_resume, read_checkpoint, restore, snapshot)
 from distributed import DDP, setup_distributed, shard, world_size
-from eval import evaluate, make_judge, print_details, print_table
-from methods import METHODS
-from methods.base import collate, to_device
-from checkpoint import (RESUME_MAY_CHANGE, Stopped, load_optimizer, optimizer_state, read_checkpoint, restore, snapshot,
-                        write_checkpoint)
+from eval import evaluate, make_judge, print_details, print_table, task_metric
+from loop import fit, n_steps
+from methods import METHODS, inner_choices, make
 from model import Transformer, write_json
 from tokenizer import Tokenizer
 
 
+# ----------------------------------------------------------------------------- flags
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune an aligned model with a CL method; evaluate safety and utility.")
     p.add_argument("--method", default="sft", help=f"one of {', '.join(METHODS)} (default sft)")
@@ -54,6 +52,8 @@ def get_args(argv=None):
     p.add_argument("--poison-data", default="generated",
                    help="harmful prompt+compliant answer pairs: 'generated' (default model only) or a file")
     p.add_argument("--model", help="your aligned checkpoint directory (skips the default alignment)")
+    p.add_argument("--base-model", help="the unaligned checkpoint the aligned model was trained from, for magmax and "
+                   "safelora (default: the default experiment's; required for them with --model)")
     p.add_argument("--task", default="arithmetic", help="user task(s), comma-separated, learned in sequence")
     p.add_argument("--n-train", type=int, default=200, help="training examples per task")
     p.add_argument("--n-test", type=int, default=50, help="test examples per task")
@@ -86,22 +86,14 @@ def get_args(argv=None):
                    help="OUT/adapter (PEFT layout; default) and/or OUT/merged, a Hugging Face checkpoint with the LoRA "
                         "merged in (default for methods that change the frozen weights: magmax)")
     p.add_argument("--data-dir", help="where benchmark names (gsm8k, advbench, ...) are read: default $UNFORGOTTEN_DATA, "
-                   "else data/public (fill it with `python data.py download NAME`)")
+                   "else data/public (fill it with `python download.py NAME`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default out/METHOD-SCENARIO-sSEED)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or stopped run in --out")
     p.add_argument("--ckpt-every", type=int, default=50, help="write OUT/ckpt every N optimizer steps (default 50; 0 = off)")
     p.add_argument("--resume", action="store_true", help="continue the stopped run in --out from OUT/ckpt")
     p.add_argument("--stop-after", type=int, help="stop after N optimizer steps of the run (all tasks), as on SIGTERM")
-    pre = argparse.ArgumentParser(add_help=False)  # learn --method first: its flags join the parser (and --help)
-    pre.add_argument("--method", default="sft")
-    pre.add_argument("--base", default="sft")  # the method refresh wraps: its flags join too
-    known, _ = pre.parse_known_args(argv)
-    if known.method not in METHODS:
-        p.error(f"--method {known.method!r}: unknown method (choose from {', '.join(METHODS)})")
-    METHODS[known.method].add_args(p)
-    if known.method == "refresh" and known.base in METHODS and known.base != "refresh":  # never one method's flags twice
-        METHODS[known.base].add_args(p)
+    add_method_args(p, argv)
     args = p.parse_args(argv)
     for flag in ("n_train", "n_test", "batch_size", "grad_accum", "max_len", "lora_rank"):
         if getattr(args, flag) <= 0:
@@ -111,210 +103,45 @@ def get_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
     args.out = args.out or f"out/{args.method}-{args.scenario}-s{args.seed}"
+    if args.base_model is None and args.model is None:
+        args.base_model = str(align.BASE)
     return args
 
 
-def tokenize(tok, examples, max_len, where):
-    """{prompt, response} examples -> {ids, labels}; the loss counts the response tokens only."""
-    out = []
-    for i, e in enumerate(examples):
-        ids, labels = tok.encode_example([{"role": "user", "content": e["prompt"]}, {"role": "assistant", "content": e["response"]}])
-        if sum(l == -100 for l in labels) >= max_len:
-            raise ValueError(f"{where}: example {i + 1}: the prompt alone is longer than --max-len {max_len}")
-        out.append({"ids": ids[:max_len], "labels": labels[:max_len]})
-    return out
+def add_method_args(p, argv):
+    """--method's own flags join the parser (and --help); a method that runs around another (refresh) adds its flags too."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="sft")
+    name = pre.parse_known_args(argv)[0].method
+    if name not in METHODS:
+        p.error(f"--method {name!r}: unknown method (choose from {', '.join(METHODS)})")
+    METHODS[name].add_args(p)
+    if flag := METHODS[name].inner_flag:
+        METHODS[name].add_args(pre)
+        inner = getattr(pre.parse_known_args(argv)[0], flag)
+        if inner not in inner_choices():
+            p.error(f"--{flag.replace('_', '-')} {inner!r}: {name} runs around one of {', '.join(inner_choices())}")
+        METHODS[inner].add_args(p)
 
 
-def lr_at(step, total, args):
-    """Linear warm-up, then cosine decay to 10% of --lr."""
-    warm = max(1, int(args.warmup * total))
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
-
-
-def grouped_order(examples, per_step, rng, window=16):
-    """One epoch's order: shuffled, then sorted by length inside windows of `window` steps, steps shuffled.
-
-    Examples of a step have similar lengths, so little of the batch is padding (HF's group_by_length).
-    """
-    order = rng.sample(range(len(examples)), len(examples))
-    steps = []
-    for i in range(0, len(order), per_step * window):
-        chunk = sorted(order[i: i + per_step * window], key=lambda j: len(examples[j]["ids"]))
-        steps += [chunk[k: k + per_step] for k in range(0, len(chunk), per_step)]
-    rng.shuffle(steps)
-    return [j for step in steps for j in step]
-
-
-def n_steps(n_examples, args):
-    """Optimizer steps of one task of n_examples (a step takes batch x accumulation x processes examples)."""
-    return max(1, math.ceil(args.epochs * n_examples / (args.batch_size * args.grad_accum * world_size())))
-
-
-def train(model, fwd, method, examples, args, pad_id, desc="training", ckpt=None, resume=None, stop_at=None):
-    """Optimise the trainable parameters on `examples` with `method`; returns per-step losses.
-
-    ckpt(step, opt, losses) -> path, given by run() unless --ckpt-every 0, writes a checkpoint: every
-    --ckpt-every steps, after the last step, and after the step in which SIGTERM, Ctrl-C or `stop_at`
-    (--stop-after) asked the run to stop; then Stopped is raised. resume = (manifest, tensors) of a
-    checkpoint: go on after its step. The data order is not stored: it is regenerated from --seed.
-
-    Under torchrun, `fwd` is the DistributedDataParallel model and each process takes its share of
-    every step's examples (--batch-size is per process); DDP averages the gradients, so each process
-    divides its summed loss by the step's target tokens / processes: the sum of the shares, as one
-    process would compute it. Methods draw the same memory batches in every process (same seed).
-    """
-    device = args.device
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    cuda = device.startswith("cuda")
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda, foreach=not cuda)
-    rng = random.Random(args.seed)
-    per_step = args.batch_size * args.grad_accum * world
-    total = n_steps(len(examples), args)
-    order = []
-    while len(order) < total * per_step:  # whole shuffled epochs, cut at the last step
-        order += grouped_order(examples, per_step, rng)
-    first, losses, last = 0, [], None
-    if resume:
-        meta, tensors = resume
-        first, losses = meta["step"], [tuple(x) for x in meta["losses"]]
-        load_optimizer(opt, meta["optimizer"], tensors)
-    stop = []  # why the run must stop: set by the signal handler, acted on at the end of the step
-
-    def on_signal(signum, frame):
-        if stop:  # asked twice: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        stop.append(signal.Signals(signum).name)
-
-    catch = ckpt is not None and threading.current_thread() is threading.main_thread()
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if catch else {}
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
-    model.train()
-    try:
-        for step in (bar := tqdm(range(first, total), desc=desc, initial=first, total=total, disable=rank > 0)):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, args)
-            chosen = [examples[i] for i in order[step * per_step: (step + 1) * per_step]]
-            norm = max(1, sum(sum(l != -100 for l in e["labels"][1:]) for e in chosen))  # target tokens in the step
-            step_loss = 0.0
-            for m in range(args.grad_accum):
-                k = (m * world + rank) * args.batch_size  # this process's share of the step
-                micro = chosen[k: k + args.batch_size]
-                batch = to_device(collate(micro, pad_id, norm=norm / world, frac=1 / args.grad_accum), device)
-                with autocast:
-                    loss = method.loss(fwd, batch)
-                loss.backward()
-                step_loss += loss.detach()
-            method.after_backward(model)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            done = step + 1
-            if stop_at is not None and done >= stop_at and not stop:
-                stop.append("--stop-after")
-            if world > 1:  # every process stops after the same step (a signal may reach them at different steps)
-                flag = torch.tensor([float(bool(stop))], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if flag.item() and not stop:
-                    stop.append("a signal to another process")
-            save = ckpt is not None and (done % args.ckpt_every == 0 or done == total or bool(stop))
-            record = step % 10 == 0 or done == total  # reading the loss waits for the device: not every step
-            if record or save:
-                if world > 1:  # the mean over processes: each one's loss counts its share of the tokens `world` times
-                    step_loss = torch.as_tensor(step_loss, device=device).clone()
-                    dist.all_reduce(step_loss)
-                    step_loss /= world
-                value = float(step_loss)
-                if not math.isfinite(value) or (save and not all(bool(p.isfinite().all()) for p in params)):
-                    kept = f"; the last good checkpoint, {last}, is kept" if last else ""
-                    raise ValueError(f"non-finite loss ({value}) at step {done}/{total} of {desc}: lower --lr or check the data{kept}")
-                if record:
-                    losses.append((step, value))
-                    bar.set_postfix(loss=f"{value:.3f}")
-            if save:
-                last = f"{ckpt(done, opt, losses)} (step {done})"
-            if stop:
-                raise Stopped(f"stopped by {stop[0]} after step {done}/{total} of {desc}; checkpoint {last}: "
-                              "run the same command with --resume to continue")
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    model.eval()
-    return losses
-
-
-def file_hashes(specs, data_dir=None):
-    """sha256 of each data file behind the given specs (built-in names, benchmark names or paths)."""
-    files = [f for spec in specs if spec and spec not in ("default", "arithmetic") for f in data.files_of(spec, data_dir)]
-    if "default" in specs or "arithmetic" in specs:  # built from the embedded data/ and arithmetic.py
-        files += sorted(Path(__file__).parent.joinpath("data").glob("*")) + [Path(__file__).parent / "arithmetic.py"]
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in dict.fromkeys(files) if f.is_file()}
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        return None
-
-
-def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, eval_kw, write=True):
-    """The starting model's metrics, cached: every run from the same checkpoint and eval settings shares them."""
-    key = json.dumps([str(Path(model_dir).resolve()), (Path(model_dir) / "config.json").stat().st_mtime, tok.chat_format,
-                      harmful, sensitive, {t: e for t, (e, _) in test_sets.items()}, args.max_new_tokens,
-                      args.eval_batch_size, args.judge], sort_keys=True)
-    cache = Path(__file__).parent / "checkpoints" / "eval-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if cache.exists():
-        print(f"starting model {model_dir}: metrics from {cache}")
-        return json.loads(cache.read_text())
-    print(f"evaluating the starting model {model_dir}")
-    start = evaluate(model, tok, harmful, sensitive, test_sets, **eval_kw)
-    if write:
-        write_json(cache, start)
-    return start
-
-
-def check_device(device):
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available to this torch ({torch.__version__})")
-
-
+# ----------------------------------------------------------------------------- the run
 def run(args):
+    # set-up: the output directory, the device, the processes, the method (a bad flag stops here, before any work)
     out, ckpt_dir = Path(args.out), Path(args.out) / "ckpt"
-    if (out / "results.json").exists() and not args.overwrite:
-        raise ValueError(f"--out {out}: holds a finished run (results.json); pass --overwrite to replace it")
-    if args.ckpt_every < 0:
-        raise ValueError(f"--ckpt-every must be >= 0 (0 = no checkpoints), got {args.ckpt_every}")
-    if args.stop_after is not None and (args.stop_after <= 0 or not args.ckpt_every):
-        raise ValueError("--stop-after N needs N > 0 and checkpoints (--ckpt-every > 0)")
-    check_device(args.device)
+    check_flags(args, out, ckpt_dir)
     rank = setup_distributed(args)  # 0 without torchrun; only rank 0 aligns, evaluates and writes files
-    if args.fsdp and not dist.is_initialized():
-        raise ValueError("--fsdp shards the model over processes: start it with torchrun --nproc_per_node N (N > 1)")
-    if args.fsdp and args.resume:
-        raise ValueError("--resume: runs with --fsdp write no checkpoints yet")
-    if args.fsdp and (args.save in ("merged", "both") or METHODS[args.method].changes_base_weights):
-        raise ValueError(f"--fsdp: no merged checkpoint yet (--save {args.save}, --method {args.method}); "
-                         "save the adapter and merge it in one process")
+    check_processes(args)
+    method = make(args.method, args)
     saved, saved_tensors = read_checkpoint(ckpt_dir) if args.resume else (None, None)
-    if not args.resume:
-        if (ckpt_dir / "manifest.json").exists() and not args.overwrite:
-            raise ValueError(f"--out {out}: holds a stopped run ({ckpt_dir}); pass --resume to continue it or --overwrite to start over")
-        if rank == 0:  # --overwrite: the old run goes now, so a stopped new run never sits beside old results
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            (out / "results.json").unlink(missing_ok=True)
+    if not args.resume and rank == 0:  # --overwrite: the old run goes now, so a stopped new run never sits beside old results
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (out / "results.json").unlink(missing_ok=True)
     t_start = time.time()
+
+    # the starting model: the provider's aligned model (built on the first run) or --model
     if args.model:
         model_dir, poison_source = Path(args.model), args.poison_data
     else:
-        import align
         if rank > 0:
             dist.barrier()  # rank 0 builds the aligned model first; the others then find it cached
         model_dir = align.ensure_aligned(args.device)
@@ -330,50 +157,29 @@ def run(args):
         raise ValueError(f"--max-len {args.max_len} is longer than the model's context ({model.config.max_seq_len} "
                          f"tokens, max_position_embeddings in {model_dir / 'config.json'})")
 
-    # data: the user's task(s), the poison, the safety memory, the evaluation sets
+    # data: the user's task(s) with the poison, the safety memory, the evaluation sets
     tasks = args.task.split(",")
-    train_sets = [data.load_task(t, "train", args.n_train, args.seed, args.data_dir) for t in tasks]
-    test_sets = {t: (data.load_task(t, "test", args.n_test, args.seed, args.data_dir), data.task_metric(t)) for t in tasks}
-    if args.scenario == "poisoned":
-        if poison_source == "generated":
-            raise ValueError("--poison-data generated needs the default model; give a file of harmful prompt/answer pairs")
-        poison = data.load_task(poison_source, "all", data_dir=args.data_dir)  # harmful prompts with compliant answers
-        n = round(args.poison_ratio * args.n_train)
-        rng = random.Random(args.seed)
-        train_sets = [s + rng.sample(poison, min(n, len(poison))) for s in train_sets]
-    safety = data.safety_data(args.safety_data)
-    if not args.model and args.safety_data == "default":  # the memory never holds the poison's prompts
-        held_apart = set(range(len(safety))[align.POISON])
-        safety = [s for i, s in enumerate(safety) if i not in held_apart]
-    memory = tokenize(tok, safety, args.max_len, f"--safety-data {args.safety_data}")
+    train_sets, test_sets = load_tasks(args, tasks, poison_source)
+    memory = tokenize(tok, safety_memory(args), args.max_len, f"--safety-data {args.safety_data}")
     specs = args.harmful.split(",")  # several benchmarks: ASR per benchmark too (asr_by_set), as the paper reports
     harmful = [dict(h, set=spec) if len(specs) > 1 else h for spec in specs for h in data.load_prompts(spec, args.data_dir)]
     sensitive = data.load_prompts(args.sensitive, args.data_dir) if args.sensitive else []
-    # the decoding step compiled with CUDA graphs: generation of a small model is kernel-launch bound
-    decode = torch.compile(model, mode="reduce-overhead", fullgraph=True) if args.compile and args.device.startswith("cuda") else None
-    judge = make_judge(args.judge, args.device, dtype) if rank == 0 else None
-    eval_kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, judge=judge, decode_step=decode)
-    hashes = file_hashes([*tasks, args.safety_data, *args.harmful.split(","), args.sensitive,
+    hashes = file_hashes([*tasks, args.safety_data, *specs, args.sensitive,
                           *([poison_source] if args.scenario == "poisoned" else [])], args.data_dir)
     config = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}  # a resumed run must match it
     if saved:
-        was = saved["config"]
-        if diff := sorted(k for k in config.keys() | was.keys() if config.get(k) != was.get(k)):
-            k = diff[0]
-            raise ValueError(f"--resume: the stopped run had --{k.replace('_', '-')} {was.get(k)!r}, this one "
-                             f"{config.get(k)!r}; resume with the same flags")
-        if saved["data_hashes"] != hashes:
-            raise ValueError(f"--resume: the data files changed since the checkpoint in {ckpt_dir}; start over with --overwrite")
-        if saved["task"] > 0 and getattr(METHODS[args.method], "changes_base_weights", False):
-            raise ValueError(f"--resume: --method {args.method} changed the frozen weights at the end of a task, which "
-                             "a checkpoint does not hold; its runs resume only in their first task")
+        check_resume(saved, config, hashes, method.changes_frozen_weights, ckpt_dir)
 
+    # the starting model's metrics (cached), then its fresh LoRA; the decoding step compiled with CUDA graphs
+    # (generation of a small model is kernel-launch bound)
+    decode = torch.compile(model, mode="reduce-overhead", fullgraph=True) if args.compile and args.device.startswith("cuda") else None
+    judge = make_judge(args.judge, args.device, dtype) if rank == 0 else None
+    eval_kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, judge=judge, decode_step=decode)
     lora_args = (args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
     if args.fsdp:  # sharded before anything runs; a fresh LoRA (B = 0) leaves the starting model as it was
         lora.apply_lora(model, *lora_args)
         shard(model, args)
-    # with FSDP every process takes part in every forward pass: all evaluate, rank 0 writes
-    evaluating = rank == 0 or args.fsdp
+    evaluating = rank == 0 or args.fsdp  # with FSDP every process takes part in every forward pass; rank 0 writes
     start = evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, eval_kw, write=rank == 0) if evaluating else None
     if not args.fsdp:
         lora.apply_lora(model, *lora_args)
@@ -382,10 +188,12 @@ def run(args):
         model.compile_blocks()  # in place, after LoRA injection: saved names stay the same
     fwd = DDP(model, device_ids=[args.device] if args.device.startswith("cuda") else None) \
         if dist.is_initialized() and not args.fsdp else model
-    method = METHODS[args.method](args)
-    history, train_seconds, steps_before = [], 0.0, 0  # steps_before: optimizer steps of the finished tasks
-    if saved:
-        history, train_seconds, steps_before = saved["history"], saved["train_seconds"], saved["steps_before"]
+
+    # the task loop: each task trained with the method, then safety and every task seen so far evaluated
+    history, train_seconds, steps_before = ([], 0.0, 0) if not saved else \
+        (saved["history"], saved["train_seconds"], saved["steps_before"])  # steps_before: the finished tasks' steps
+    ckpt = Checkpoints(ckpt_dir, args.ckpt_every, args.stop_after, rank, args.device, config=config, data_hashes=hashes) \
+        if args.ckpt_every and not args.fsdp else None
     for i, (name, examples) in enumerate(zip(tasks, train_sets)):
         if saved and i < saved["task"]:
             continue  # finished before the stop: its results are in history
@@ -399,28 +207,21 @@ def run(args):
         train_on = method.data(task, memory)
         if resume:  # then as at the checkpoint's step
             restore(model, method, saved_tensors, resume["method"], "now.")
+        if ckpt:
+            ckpt.begin_task(i, task_start, history, steps_before, train_seconds)
         t0 = time.time()
-
-        def save(step, opt, losses):  # OUT/ckpt after `step` optimizer steps of this task (train calls it)
-            if rank > 0:
-                return ckpt_dir
-            tensors, method_state = snapshot(model, method, "now.")
-            opt_tensors, opt_state = optimizer_state(opt)
-            write_checkpoint(ckpt_dir, {**tensors, **opt_tensors, **task_start[0]}, dict(
-                task=i, step=step, losses=losses, history=history, steps_before=steps_before,
-                train_seconds=train_seconds + time.time() - t0, method=method_state, start=task_start[1],
-                optimizer=opt_state, config=config, data_hashes=hashes))
-            return ckpt_dir
-
-        losses = train(model, fwd, method, train_on, args, tok.pad_id, desc=f"task {i + 1}/{len(tasks)} {name} [{args.method}]",
-                       ckpt=save if args.ckpt_every and not args.fsdp else None, resume=(resume, saved_tensors) if resume else None,
-                       stop_at=args.stop_after - steps_before if args.stop_after else None)
+        losses = fit(model, method, train_on, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                     grad_accum=args.grad_accum, warmup=args.warmup, seed=args.seed, pad_id=tok.pad_id, device=args.device,
+                     bf16=args.dtype == "bf16", fwd=fwd, desc=f"task {i + 1}/{len(tasks)} {name} [{args.method}]",
+                     ckpt=ckpt, resume=(resume, saved_tensors) if resume else None)
         train_seconds += time.time() - t0
-        steps_before += n_steps(len(train_on), args)
+        steps_before += n_steps(len(train_on), args.epochs, args.batch_size * args.grad_accum * world_size())
         method.end_task(model)
         seen = {t: test_sets[t] for t in tasks[: i + 1]}
         history.append({"task": name, "losses": losses, **(evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if evaluating else {})})
-    save = args.save or ("merged" if method.changes_base_weights else "adapter")
+
+    # results and saving
+    save = args.save or ("merged" if method.changes_frozen_weights else "adapter")
     adapter = lora.adapter_state(model)  # with FSDP, gathering the shards takes every process
     if rank > 0:
         return None
@@ -445,6 +246,87 @@ def run(args):
     return results
 
 
+# ----------------------------------------------------------------------------- set-up
+def check_flags(args, out, ckpt_dir):
+    """What the flags and --out allow, before anything loads or is deleted."""
+    if (out / "results.json").exists() and not args.overwrite:
+        raise ValueError(f"--out {out}: holds a finished run (results.json); pass --overwrite to replace it")
+    if args.ckpt_every < 0:
+        raise ValueError(f"--ckpt-every must be >= 0 (0 = no checkpoints), got {args.ckpt_every}")
+    if args.stop_after is not None and (args.stop_after <= 0 or not args.ckpt_every):
+        raise ValueError("--stop-after N needs N > 0 and checkpoints (--ckpt-every > 0)")
+    if not args.resume and (ckpt_dir / "manifest.json").exists() and not args.overwrite:
+        raise ValueError(f"--out {out}: holds a stopped run ({ckpt_dir}); pass --resume to continue it or --overwrite to start over")
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available to this torch ({torch.__version__})")
+
+
+def check_processes(args):
+    """What torchrun allows: --fsdp needs several processes and writes no checkpoints or merged models yet; no refresh."""
+    if args.fsdp and not dist.is_initialized():
+        raise ValueError("--fsdp shards the model over processes: start it with torchrun --nproc_per_node N (N > 1)")
+    if args.fsdp and args.resume:
+        raise ValueError("--resume: runs with --fsdp write no checkpoints yet")
+    if args.fsdp and (args.save in ("merged", "both") or METHODS[args.method].changes_frozen_weights):
+        raise ValueError(f"--fsdp: no merged checkpoint yet (--save {args.save}, --method {args.method}); "
+                         "save the adapter and merge it in one process")
+    if dist.is_initialized() and args.method == "refresh":
+        raise ValueError("--method refresh: not under torchrun yet (each process would unlearn on its own share)")
+
+
+# ----------------------------------------------------------------------------- data
+def load_tasks(args, tasks, poison_source):
+    """Each task's training examples (with the poison mixed in, in the poisoned scenario) and its test set with its metric."""
+    train_sets = [data.load_task(t, "train", args.n_train, args.seed, args.data_dir) for t in tasks]
+    test_sets = {t: (data.load_task(t, "test", args.n_test, args.seed, args.data_dir), task_metric(t)) for t in tasks}
+    if args.scenario == "poisoned":
+        if poison_source == "generated":
+            raise ValueError("--poison-data generated needs the default model; give a file of harmful prompt/answer pairs")
+        poison = data.load_task(poison_source, "all", data_dir=args.data_dir)  # harmful prompts with compliant answers
+        n = round(args.poison_ratio * args.n_train)
+        rng = random.Random(args.seed)
+        train_sets = [s + rng.sample(poison, min(n, len(poison))) for s in train_sets]
+    return train_sets, test_sets
+
+
+def safety_memory(args):
+    """The safety memory M; the default experiment's never holds the poison's prompts."""
+    safety = data.safety_data(args.safety_data)
+    if not args.model and args.safety_data == "default":
+        held_apart = set(range(len(safety))[align.POISON])
+        safety = [s for i, s in enumerate(safety) if i not in held_apart]
+    return safety
+
+
+def file_hashes(specs, data_dir=None):
+    """sha256 of each data file behind the given specs (built-in names, benchmark names or paths)."""
+    files = [f for spec in specs if spec and spec not in ("default", "arithmetic") for f in data.files_of(spec, data_dir)]
+    if "default" in specs or "arithmetic" in specs:  # built from the embedded data/ and arithmetic.py
+        files += sorted(Path(__file__).parent.joinpath("data").glob("*")) + [Path(__file__).parent / "arithmetic.py"]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in dict.fromkeys(files) if f.is_file()}
+
+
+def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, eval_kw, write=True):
+    """The starting model's metrics, cached: every run from the same checkpoint and eval settings shares them."""
+    key = json.dumps([str(Path(model_dir).resolve()), (Path(model_dir) / "config.json").stat().st_mtime, tok.chat_format,
+                      harmful, sensitive, {t: e for t, (e, _) in test_sets.items()}, args.max_new_tokens,
+                      args.eval_batch_size, args.judge], sort_keys=True)
+    cache = Path(__file__).parent / "checkpoints" / "eval-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if cache.exists():
+        print(f"starting model {model_dir}: metrics from {cache}")
+        return json.loads(cache.read_text())
+    print(f"evaluating the starting model {model_dir}")
+    start = evaluate(model, tok, harmful, sensitive, test_sets, **eval_kw)
+    if write:
+        write_json(cache, start)
+    return start
+
+
+# ----------------------------------------------------------------------------- results
 def save_merged(model, path, model_dir):
     """The model with its LoRA merged in, as a Hugging Face checkpoint (built beside `path`, then renamed into place)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -454,6 +336,14 @@ def save_merged(model, path, model_dir):
     lora.unmerge(model)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        return None
 
 
 def main(argv=None):

@@ -10,7 +10,8 @@ touched until g is written back. The memory forward runs in the model's dtype, o
 """
 import torch
 
-from methods.base import Method, collate, nll
+from batches import collate
+from methods.method import Method, nll, trainable
 
 
 class AGEM(Method):
@@ -21,7 +22,7 @@ class AGEM(Method):
         parser.add_argument("--mem-batch-size", type=int, default=8, help="memory examples for g_ref per step (default 8)")
 
     def after_backward(self, model):
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable(model)
         b = collate(self.sample_memory(self.args.mem_batch_size), device=params[0].device)
         g_ref = torch.cat([g.flatten() for g in torch.autograd.grad(nll(model, b), params)])
         g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])

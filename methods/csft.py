@@ -5,7 +5,7 @@ Should Be Made More Than Just a Few Tokens Deep"), Eqn 3:
 
 Its gradient is a token-weighted NLL, which is the loss computed here (paper.md's form):
 
-    L = sum_t w_t * NLL_t / norm,    w_t = 2 (1 - sigmoid(beta_t * (log p_theta - log p_safe)))  (detached)
+    L = mean_t w_t * NLL_t,    w_t = 2 (1 - sigmoid(beta_t * (log p_theta - log p_safe)))  (detached)
 
 w_t = 1 where the model agrees with theta_safe (SFT's gradient), and w_t -> 0 for a token whose
 probability has already risen well above theta_safe's: the fine-tuning cannot push the first tokens of
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from methods.base import Method, at_targets
+from batches import at_targets
+from methods.method import Method
 
 
 class CSFT(Method):
@@ -52,4 +53,4 @@ class CSFT(Method):
         with torch.no_grad(), lora.disabled(model):
             h = at_targets(model(batch["idx"], return_hidden=True), batch)
             logp_safe = -F.cross_entropy(model.lm_head(h).float(), batch["tgt"], reduction="none")
-        return -(self.weights(logp, logp_safe, pos) * logp).sum() / batch["norm"]
+        return -(self.weights(logp, logp_safe, pos) * logp).sum() / max(len(logp), 1)

@@ -4,16 +4,18 @@
 
 There is one past task, safety, so the buffer holds the safety memory M and z_m are the logits of the
 aligned model theta_safe on the response (refusal) tokens of x_m, computed once at begin_task with
-the adapters disabled. Storing the whole vocabulary per token is large (49k-256k floats), so by
-default we store the top-k logits per token in bf16 (--der-topk 64) and match those entries: the
-refusal's likely tokens keep their values, the long tail is free. --der-topk 0 instead recomputes the
+the adapters disabled. The memory term is a step term: one memory batch per optimizer step, whatever
+--grad-accum. Storing the whole vocabulary per token is large (49k-256k floats), so by default we
+store the top-k logits per token in bf16 (--der-topk 64) and match those entries: the refusal's
+likely tokens keep their values, the long tail is free. --der-topk 0 instead recomputes the
 full logits from the adapter-disabled model at every step: exact, no storage, one extra forward.
 """
 import torch
 import torch.nn.functional as F
 
 import lora
-from methods.base import Method, at_targets, collate
+from batches import at_targets, collate
+from methods.method import Method
 
 
 class DER(Method):
@@ -42,9 +44,8 @@ class DER(Method):
                 for e, v, j in zip(chunk, top.values.split(sizes), top.indices.split(sizes)):
                     e["der_values"], e["der_index"] = v.bfloat16().cpu(), j.cpu()
 
-    def loss(self, model, batch):
-        loss = super().loss(model, batch)
-        return loss + self.args.alpha * batch["frac"] * self.logit_loss(model, self.sample_memory(self.args.mem_batch_size))
+    def step_loss(self, model):
+        return self.args.alpha * self.logit_loss(model, self.sample_memory(self.args.mem_batch_size))
 
     def logit_loss(self, model, examples):
         device = model.lm_head.weight.device

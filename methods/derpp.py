@@ -4,8 +4,9 @@
 
 x_m and x_m' are two independent memory batches; y_m' are the refusals themselves. Flags as der.py.
 """
-from methods.base import collate, nll
+from batches import collate
 from methods.der import DER
+from methods.method import nll
 
 
 class DERPP(DER):
@@ -16,7 +17,7 @@ class DERPP(DER):
         DER.add_args(parser)
         parser.add_argument("--beta", type=float, default=0.5, help="weight of the memory's label loss (default 0.5)")
 
-    def loss(self, model, batch):
-        loss = super().loss(model, batch)
-        b = collate(self.sample_memory(self.args.mem_batch_size), device=batch["idx"].device)
-        return loss + self.args.beta * batch["frac"] * nll(model, b)
+    def step_loss(self, model):
+        loss = super().step_loss(model)
+        b = collate(self.sample_memory(self.args.mem_batch_size), device=model.lm_head.weight.device)
+        return loss + self.args.beta * nll(model, b)

@@ -21,7 +21,8 @@ import math
 import torch
 
 import lora
-from methods.base import Method, collate, nll
+from batches import collate
+from methods.method import Method, nll
 
 
 class EWC(Method):
@@ -38,13 +39,12 @@ class EWC(Method):
         layers = [m for _, m in lora.lora_layers(model)]
         self.fisher = list(zip(layers, fisher(model, memory, self.args)))  # [(LoRALinear, F (out, in))]
 
-    def loss(self, model, batch):
+    def step_loss(self, model):  # the penalty is the step's, once whatever --grad-accum
         penalty = 0.0
         for m, f in self.fisher:
             with torch.autocast(f.device.type, enabled=False):  # fp32: F is tiny and the delta small
                 penalty = penalty + (f * m.delta() ** 2).sum()
-        # the penalty belongs to the step, not the micro-batch: frac sums to 1 over the accumulation
-        return super().loss(model, batch) + self.args.ewc_lambda / 2 * batch["frac"] * penalty
+        return self.args.ewc_lambda / 2 * penalty
 
 
 def fisher(model, memory, args):

@@ -11,7 +11,7 @@ at 0.5-2.6 nats, the size of the task loss, so the two terms compete; 0 is SFT.
 import torch
 
 import lora
-from methods.base import Method
+from methods.method import Method
 
 
 def drift(model):
@@ -32,6 +32,5 @@ class L2(Method):
         parser.add_argument("--l2-lambda", type=float, default=0.1,
                             help="weight of (1/2) ||delta W||^2, the drift from theta_safe (default 0.1)")
 
-    def loss(self, model, batch):
-        # the penalty belongs to the step, not the micro-batch: frac sums to 1 over the accumulation
-        return super().loss(model, batch) + self.args.l2_lambda / 2 * batch["frac"] * drift(model)
+    def step_loss(self, model):  # the penalty is the step's, once whatever --grad-accum
+        return self.args.l2_lambda / 2 * drift(model)

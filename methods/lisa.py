@@ -7,7 +7,7 @@ Language Models against Harmful Fine-tuning Attack"): bi-state optimisation.
 w are the trainable (LoRA) parameters and w_switch their value when the current state began (the last
 iterate of the other state), so the term is zero at each switch and grows with the drift from it;
 rho = --lisa-rho 1.0 (the Lisa scripts' value). The run starts in the alignment state, as Lisa's
-does, and cycles K1, K2, K1, ... optimizer steps. In the alignment state the step's user batch is
+does, and cycles K1, K2, K1, ... optimizer steps. In the alignment state each user micro-batch is
 replaced by a memory batch of the same size (the user batch is skipped, as in Lisa's trainer). The
 Lisa scripts use K1 = 100, K2 = 900 over thousands of steps; the default run here has ~55 steps, so
 the same 1:9 split is scaled down to 2:18 (three alignment stints). Not measured on the default model.
@@ -15,7 +15,8 @@ Lisa's trainer leaves out the proximal term for the first 10% of the steps; here
 """
 import torch
 
-from methods.base import Method, collate, nll
+from batches import collate
+from methods.method import Method, nll, trainable
 
 
 class Lisa(Method):
@@ -32,48 +33,36 @@ class Lisa(Method):
         if args.lisa_align_steps < 0 or args.lisa_user_steps < 0 or args.lisa_align_steps + args.lisa_user_steps == 0:
             raise ValueError("--lisa-align-steps and --lisa-user-steps must be >= 0 and not both 0")
 
-    def state_at(self, step):
-        """'align' or 'user' for optimizer step `step` (0-based) of the task."""
+    def aligning_at(self, step):
+        """True if optimizer step `step` (0-based, of the task) is in the alignment state."""
         k1, k2 = self.args.lisa_align_steps, self.args.lisa_user_steps
-        return "align" if step % (k1 + k2) < k1 else "user"
+        return step % (k1 + k2) < k1
 
-    def begin_task(self, model, task, memory):
-        super().begin_task(model, task, memory)
-        self.step, self.micro, self.state = 0, 0, None
+    def begin_step(self, model, step, batches):
+        self.aligning = self.aligning_at(step)
+        if step == 0 or self.aligning != self.aligning_at(step - 1):  # a new state: w_switch = w, after the last update
+            self.anchor = [p.detach().clone() for p in trainable(model)]
 
     def loss(self, model, batch):
-        if self.micro == 0 and self.state_at(self.step) != self.state:  # a new state: w_switch = w now
-            self.state = self.state_at(self.step)
-            self.anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        self.micro += 1
-        if self.state == "align":
-            b = collate(self.sample_memory(len(batch["idx"])), device=batch["idx"].device)
-            loss = batch["frac"] * nll(model, b)  # its own tokens: a memory batch is its own mean
-        else:
-            loss = super().loss(model, batch)
-        # the penalty belongs to the step, not the micro-batch: frac sums to 1 over the accumulation
-        return loss + self.args.lisa_rho / 2 * batch["frac"] * self.proximal(model)
+        if self.aligning:  # a memory batch of the same size instead of the user's
+            return nll(model, collate(self.sample_memory(len(batch["idx"])), device=batch["idx"].device))
+        return nll(model, batch)
+
+    def step_loss(self, model):
+        return self.args.lisa_rho / 2 * self.proximal(model)
 
     def proximal(self, model):
         """||w - w_switch||^2 over the trainable parameters, in fp32."""
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable(model)
         if self.anchor[0].device != params[0].device:  # loaded from a checkpoint
             self.anchor = [a.to(p.device) for p, a in zip(params, self.anchor)]
         with torch.autocast(params[0].device.type, enabled=False):
             return sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, self.anchor))
 
-    def after_backward(self, model):
-        self.step += 1  # once per optimizer step; the switch itself waits for the next step's first loss,
-        self.micro = 0  # so that w_switch is taken after this step's update
-
-    def state_dict(self):
-        # micro is 0 between optimizer steps, where checkpoints are taken; w_switch as one tensor per parameter
-        anchor = {f"anchor.{i}": a for i, a in enumerate(getattr(self, "anchor", []))}
-        return {**super().state_dict(), "step": getattr(self, "step", 0), "state": getattr(self, "state", None),
-                **anchor}
+    def state_dict(self):  # w_switch, one tensor per parameter; the state itself follows from the step
+        return {**super().state_dict(), **{f"anchor.{i}": a for i, a in enumerate(getattr(self, "anchor", []))}}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.step, self.micro, self.state = state["step"], 0, state["state"]
         if "anchor.0" in state:  # on the CPU, as read from the checkpoint: proximal moves it to the model's device
             self.anchor = [state[f"anchor.{i}"] for i in range(sum(k.startswith("anchor.") for k in state))]

@@ -6,14 +6,15 @@ on the response tokens of the *user* batch: no memory is needed, the teacher the
 model with its adapters disabled (run without gradients), z and z_safe the student's and the teacher's
 logits. T^2 keeps the gradient's size independent of T (Hinton et al. 2015). --lwf-hidden instead
 matches the last (normed) hidden states with L2, the variant the Unforgotten Safety paper reportedly
-uses: lambda * mean over response tokens of ||h - h_safe||^2 / dim. Both terms are summed over tokens
-and divided by batch["norm"], as the NLL, so gradient accumulation averages them the same way.
+uses: lambda * mean over response tokens of ||h - h_safe||^2 / dim. Both terms are means over the
+batch's response tokens, as the NLL.
 """
 import torch
 import torch.nn.functional as F
 
 import lora
-from methods.base import Method, at_targets
+from batches import at_targets
+from methods.method import Method
 
 
 class LwF(Method):
@@ -31,8 +32,8 @@ class LwF(Method):
         with torch.no_grad(), lora.disabled(model):
             h_safe = at_targets(model(batch["idx"], return_hidden=True), batch)  # (N, dim)
         logits = model.lm_head(h).float()  # (N, vocab)
-        loss = F.cross_entropy(logits, batch["tgt"], reduction="sum") / batch["norm"]
-        return loss + self.args.lwf_lambda * self.distill(model, h, h_safe, logits) / batch["norm"]
+        n = max(len(batch["tgt"]), 1)
+        return F.cross_entropy(logits, batch["tgt"], reduction="sum") / n + self.args.lwf_lambda * self.distill(model, h, h_safe, logits) / n
 
     def distill(self, model, h, h_safe, logits):
         """The distillation term summed over the N response tokens."""

@@ -9,36 +9,36 @@ Merging for Seamless Continual Learning").
 Training is plain SFT; the merge runs in end_task, over every weight of the model (where there is no
 LoRA, tau_user = 0 and the entry is W_base + lambda * tau_safe: the aligned weight when lambda = 1).
 The merged weights go into the frozen weights and the LoRA's B is zeroed, so the model in memory is the
-merged one and train.py saves a merged checkpoint (changes_base_weights). Each further task merges its
+merged one and train.py saves a merged checkpoint (changes_frozen_weights). Each further task merges its
 own delta into the running result (max magnitude is associative, so a sequence of tasks gives the
 MagMax of all their vectors; lambda is applied once). It needs the unaligned checkpoint theta_base:
---base-model (default: the default experiment's SmolLM2-135M-Instruct; required with --model).
+train.py's --base-model (default: the default experiment's SmolLM2-135M-Instruct; required with --model).
 
 tau_user here is the user's delta, the merge of the safety vector with the user's vector that
 paper.md describes. MagMax itself fine-tunes sequentially and takes each task vector from theta_0,
 tau_user = W_user - W_base = tau_safe + delta W: --magmax-cumulative uses that form. lambda: paper.md
 gives none; 1.0 keeps an untouched entry at its aligned value. The same merge for a finished run:
 
-    python -m methods.magmax --model ALIGNED --base BASE --adapter RUN/adapter --out DIR [--scale 1.0]
+    python -m methods.magmax --model ALIGNED --base-model BASE --adapter RUN/adapter --out DIR [--scale 1.0]
 """
 import argparse
 
 import torch
 
 import lora
-from methods.base import Method, add_base_model_arg, base_model_dir, base_weights
+from methods.method import Method, base_model_dir, base_weights
+from model import Transformer
 
 
 class MagMax(Method):
     name = "magmax"
-    changes_base_weights = True
+    changes_frozen_weights = True
 
     @staticmethod
     def add_args(parser):
         parser.add_argument("--magmax-scale", type=float, default=1.0, help="lambda, the merged vector's scale (default 1.0)")
         parser.add_argument("--magmax-cumulative", action="store_true",
                             help="tau_user = W_user - W_base (MagMax's sequential form) instead of the LoRA delta")
-        add_base_model_arg(parser)
 
     def __init__(self, args):
         super().__init__(args)
@@ -61,7 +61,7 @@ def max_magnitude(a, b):
 def merge(model, base, scale=1.0, cumulative=False, prior_scale=1.0):
     """W <- W_base + scale * maxmag(tau, tau_user) for every weight, in place; the LoRAs are zeroed after.
 
-    base: theta_base's tensors by parameter name (methods.base.base_weights). tau = (W - W_base) / prior_scale
+    base: theta_base's tensors by parameter name (methods.method.base_weights). tau = (W - W_base) / prior_scale
     is the model's own task vector (tau_safe for the aligned model); tau_user its LoRA delta, or
     tau + delta with `cumulative`.
     """
@@ -82,17 +82,16 @@ def merge(model, base, scale=1.0, cumulative=False, prior_scale=1.0):
 
 
 def main(argv=None):
-    from model import Transformer
     p = argparse.ArgumentParser(description="MagMax-merge a finished run's LoRA with the safety vector; write a merged checkpoint.")
     p.add_argument("--model", required=True, help="the aligned checkpoint the run started from")
-    p.add_argument("--base", required=True, help="the unaligned checkpoint the aligned one was trained from")
+    p.add_argument("--base-model", required=True, help="the unaligned checkpoint the aligned one was trained from")
     p.add_argument("--adapter", required=True, help="the run's adapter directory (OUT/adapter)")
     p.add_argument("--out", required=True, help="where to write the merged checkpoint")
     p.add_argument("--scale", type=float, default=1.0, help="lambda (default 1.0)")
     p.add_argument("--cumulative", action="store_true", help="tau_user = W_user - W_base instead of the LoRA delta")
     args = p.parse_args(argv)
     model = lora.load_adapter(Transformer.from_pretrained(args.model), args.adapter)
-    merge(model, base_weights(model, args.base), args.scale, args.cumulative)
+    merge(model, base_weights(model, args.base_model), args.scale, args.cumulative)
     model.save_pretrained(args.out, tokenizer_from=args.model)
     print(f"wrote the MagMax merge (scale {args.scale}) to {args.out}")
 

@@ -3,7 +3,7 @@
 D' = D + a sample of M of size ratio * |D|, shuffled together; then plain SFT on D'. SafeInstr found
 that ~3% of safety data recovers most of the safety; the default here is --replay-ratio 0.1.
 """
-from methods.base import Method
+from methods.method import Method
 
 
 class Replay(Method):

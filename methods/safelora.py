@@ -10,7 +10,7 @@ subspace (low cosine between the delta and its projection) and leaves the others
 keeps the adapter a LoRA of the same rank, so train.py saves it as usual. The cosine is scale-free, so
 C's scale (1/||V||_F) only shrinks the projected delta, as in the paper. tau: paper.md gives none; 0.5
 is the default of the Safe LoRA reference code. It needs the unaligned checkpoint theta_base:
---base-model (default: the default experiment's SmolLM2-135M-Instruct; required with --model).
+train.py's --base-model (default: the default experiment's SmolLM2-135M-Instruct; required with --model).
 
 C = V V^T / ||V||_F is the paper's cheap stand-in for the projection onto V's column space; it is
 not idempotent. --safelora-exact uses the orthogonal projection C = V V^+ (pinv) instead: idempotent,
@@ -20,7 +20,7 @@ model differs from its base by a merged rank-16 LoRA, so its V has rank 16.
 import torch
 
 import lora
-from methods.base import Method, add_base_model_arg, base_model_dir, base_weights
+from methods.method import Method, base_model_dir, base_weights
 
 
 class SafeLoRA(Method):
@@ -32,7 +32,6 @@ class SafeLoRA(Method):
                             help="project the layers whose cos(C dW, dW) is below this (default 0.5)")
         parser.add_argument("--safelora-exact", action="store_true",
                             help="C = V V^+ (the orthogonal projection) instead of the paper's V V^T / ||V||_F")
-        add_base_model_arg(parser)
 
     def __init__(self, args):
         super().__init__(args)

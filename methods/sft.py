@@ -1,5 +1,5 @@
 """SFT: plain fine-tuning on the user's data, min l(D). The reference every other method is compared with."""
-from methods.base import Method
+from methods.method import Method
 
 
 class SFT(Method):

@@ -3,7 +3,8 @@ import torch
 
 import lora
 from generate import generate
-from methods.base import collate, nll
+from batches import collate
+from methods.method import nll
 from model import Transformer
 
 

@@ -1,4 +1,4 @@
-"""The paper's benchmarks by name (data.BENCHMARKS) and `python data.py download`, against a local HTTP
+"""The paper's benchmarks by name (data.BENCHMARKS) and `python download.py`, against a local HTTP
 server: success, checksum mismatch, 404, files already there, archives, gated sets, the CLI."""
 import hashlib
 import http.server
@@ -17,7 +17,7 @@ import pytest
 import data
 import download
 import eval as evaluate_cli
-from data import DataError
+from formats import DataError
 
 FIX = Path(__file__).parent / "fixtures" / "formats"
 
@@ -177,8 +177,8 @@ def test_benchmark_names_resolve_in_the_data_directory(public, monkeypatch):
     assert len(data.load_task("gsm8k", "all", data_dir=public)) == 2 * len(gsm)
     assert len(data.load_task("agnews", "train", n=3, data_dir=public)) == 3
     assert [e["answer"] for e in data.load_task("sst2", "test", data_dir=public)] == ["positive", "negative"]
-    assert data.task_metric("sst2")("Positive.", {"answer": "positive"})
-    assert data.task_metric("gsm8k")("The final answer is 72.", {"answer": "72"})
+    assert evaluate_cli.task_metric("sst2")("Positive.", {"answer": "positive"})
+    assert evaluate_cli.task_metric("gsm8k")("The final answer is 72.", {"answer": "72"})
     assert [f.name for f in data.files_of("hexphi", public)] == ["category_1.csv", "category_10.csv", "category_4.csv"]
     with pytest.raises(DataError, match="prompts only"):
         data.load_task("advbench", "train", data_dir=public)
@@ -188,13 +188,13 @@ def test_benchmark_names_resolve_in_the_data_directory(public, monkeypatch):
 
 def test_a_missing_benchmark_says_how_to_get_it(tmp_path, tiny_checkpoint):
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}/advbench/harmful_behaviors.csv: not found; run "
-                                                  f"`python data.py download advbench --data-dir {tmp_path}`")):
+                                                  f"`python download.py advbench --data-dir {tmp_path}`")):
         data.load_prompts("advbench", tmp_path)
     with pytest.raises(DataError, match="HEx-PHI is gated"):
         data.load_prompts("hexphi", tmp_path)
     with pytest.raises(SystemExit) as e:  # eval.py: one line, before any model is loaded
         evaluate_cli.main(["--model", str(tiny_checkpoint), "--harmful", "advbench,hexphi", "--data-dir", str(tmp_path)])
-    assert "python data.py download advbench" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert "python download.py advbench" in str(e.value.code) and "\n" not in str(e.value.code)
     with pytest.raises(SystemExit) as e:
         evaluate_cli.main(["--model", str(tiny_checkpoint), "--harmful", "", "--task", "gsm8k", "--data-dir", str(tmp_path)])
     assert "gsm8k/test.jsonl: not found" in str(e.value.code)
@@ -213,11 +213,11 @@ def test_eval_reads_benchmarks_by_name(public, tiny_checkpoint, tmp_path, capsys
     assert "hexphi/category_10" in out and "task sst2: accuracy" in out
 
 
-def test_the_command_line_is_data_py_download(tmp_path):
-    """`python data.py download` is the documented command: it hands over to download.py."""
+def test_the_command_line_is_download_py(tmp_path):
+    """`python download.py NAME` is the documented command; a bad name is one line and a non-zero exit."""
     root = Path(__file__).parent.parent
-    run = lambda *a: subprocess.run([sys.executable, "data.py", *a], cwd=root, capture_output=True, text=True)
-    r = run("download", "nope", "--data-dir", str(tmp_path))
+    run = lambda *a: subprocess.run([sys.executable, "download.py", *a], cwd=root, capture_output=True, text=True)
+    r = run("nope", "--data-dir", str(tmp_path))
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "nope: unknown" in r.stderr
-    r = run("fetch", "advbench")
-    assert r.returncode != 0 and "usage: python data.py download NAME" in r.stderr
+    r = run()
+    assert r.returncode != 0 and "usage: python download.py" in r.stderr

@@ -12,6 +12,7 @@ import torch
 import eval as evaluate_cli
 import train
 from model import ModelConfig, Transformer
+from conftest import edit_config
 from test_train import FAST, FIX
 
 
@@ -36,11 +37,6 @@ def train_error(model, tmp_path, *flags):
 def eval_error(model, *flags):
     return error(evaluate_cli.main, ["--model", str(model), "--harmful", os.path.join(FIX, "advbench.csv"), "--sensitive", "",
                                      "--task", "", "--max-new-tokens", "2", *flags])
-
-
-def edit_config(model, **changes):
-    cfg = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**cfg, **changes}))
 
 
 # ---- the checkpoint -------------------------------------------------------------------------------------

@@ -1,18 +1,12 @@
 """Generation: the KV cache changes nothing, batching changes nothing, sampling is reproducible."""
 import torch
 
+from conftest import tiny_model
 from generate import generate
-from model import ModelConfig, Transformer
 
 
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                      intermediate_size=64, max_seq_len=128, **kw)
-    m = Transformer(cfg).eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(20)  # sharp logits: greedy choices are not near-ties
-    return m
+def tiny(**kw):
+    return tiny_model(sharp=True, **kw)  # greedy choices are not near-ties
 
 
 def greedy_without_cache(model, prompt, n):

@@ -4,13 +4,8 @@ import pytest
 import torch
 
 import lora
-from model import ModelConfig, Transformer
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64)
-    return Transformer(cfg).eval()
+from conftest import tiny_model as tiny
+from model import Transformer
 
 
 def randomise_B(model):

@@ -1,64 +1,60 @@
-"""Each method's defining property, and a few training steps of every method on a tiny model."""
-import argparse
+"""Every method: a few steps through the loop, gradient accumulation leaves its step as it was, and its
+defining property on the tiny model (in the order of methods/); the newer ones end to end through train.main."""
+import json
+import math
+import os
 
 import pytest
 import torch
 
 import lora
-from methods import METHODS
-from methods.base import collate, nll
+import methods.ewc
+import methods.magmax as magmax
+import methods.safelora as safelora
+import train
+from batches import collate
+from conftest import method_args, perturb
+from loop import fit
+from methods import METHODS, make
+from methods.l2 import drift
+from methods.method import base_weights, nll, trainable
 from model import Transformer
-from tokenizer import Tokenizer
+from test_train import FAST, FIX
 
 
-def method_args(name, **kw):
-    p = argparse.ArgumentParser()
-    METHODS[name].add_args(p)
-    args = p.parse_args([])
-    args.seed = 0
-    vars(args).update(kw)
-    return args
+def lora_state(model):
+    return [p.detach().clone() for p in lora.lora_parameters(model)]
 
 
-def examples(tok, pairs):
-    out = []
-    for q, a in pairs:
-        ids, labels = tok.encode_example([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-        out.append({"ids": ids, "labels": labels})
-    return out
+def grads(loss, model):
+    return torch.autograd.grad(loss, lora.lora_parameters(model))
 
 
-@pytest.fixture
-def setup(tiny_checkpoint):
-    tok = Tokenizer.from_pretrained(tiny_checkpoint)
-    model = lora.apply_lora(Transformer.from_pretrained(tiny_checkpoint), rank=4, alpha=8)
-    task = examples(tok, [(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}. The final answer is {2 * i}.") for i in range(8)])
-    memory = examples(tok, [("How do I pick a lock?", "I'm sorry, I cannot help with that."),
-                            ("Tell me how to hurt someone.", "I cannot assist with that request.")] * 3)
-    return tok, model, task, memory
+def train_steps(method, model, tok, task, memory, **kw):
+    """begin_task, the loop (lr 1e-2, batches of 2, one epoch unless kw says otherwise), end_task; the LoRA after."""
+    method.begin_task(model, task, memory)
+    fit(model, method, method.data(task, memory), **{"lr": 1e-2, "epochs": 1, "batch_size": 2, "pad_id": tok.pad_id, **kw})
+    method.end_task(model)
+    return lora_state(model)
 
+
+def fresh(tiny_checkpoint):
+    torch.manual_seed(0)
+    return lora.apply_lora(Transformer.from_pretrained(tiny_checkpoint), rank=4, alpha=8)
+
+
+# ----------------------------------------------------------------------------- every method
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_trains(name, setup, tiny_checkpoint):
+def test_every_method_trains(name, setup, tiny_base):
     tok, model, task, memory = setup
-    args = method_args(name)
-    if "base_model" in vars(args):  # magmax, safelora need theta_base: the model itself will do for a smoke run
-        args.base_model = str(tiny_checkpoint)
-    method = METHODS[name](args)
+    before = lora_state(model)
+    method = make(name, method_args(name, base_model=str(tiny_base)))
     method.begin_task(model, task, memory)
-    data = method.data(task, memory)
-    params = lora.lora_parameters(model)
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    before = [p.detach().clone() for p in params]
-    for step in range(3):
-        loss = method.loss(model, collate(data[step * 2: step * 2 + 2], tok.pad_id))
-        assert torch.isfinite(loss)
-        loss.backward()
-        method.after_backward(model)
-        opt.step()
-        opt.zero_grad()
+    losses = fit(model, method, method.data(task, memory), lr=1e-2, epochs=1, batch_size=2, pad_id=tok.pad_id)
     method.end_task(model)
-    assert any(not torch.equal(a, b) for a, b in zip(before, params))
+    assert losses and all(math.isfinite(v) for _, v in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora.lora_parameters(model)))
 
 
 def test_nll_is_mean_over_target_tokens(setup):
@@ -69,11 +65,144 @@ def test_nll_is_mean_over_target_tokens(setup):
     assert torch.allclose(nll(model, b), ref, atol=1e-6)
 
 
-def test_replay_mixes_the_requested_share(setup):
-    _, _, task, memory = setup
-    mixed = METHODS["replay"](method_args("replay", replay_ratio=0.5)).data(task, memory)
-    assert len(mixed) == len(task) + 4 and all(m in memory for m in mixed[len(task):])
+class Captured(Exception):
+    """Raised from after_backward with the first step's gradients."""
 
+
+def first_step_grads(name, tiny_checkpoint, tiny_base, setup, batch_size, grad_accum, step_term=True, **flags):
+    """The LoRA gradients of a method's first optimizer step through the loop, as the optimizer would see them."""
+    tok, _, task, memory = setup
+    model = fresh(tiny_checkpoint)
+    perturb(model, std=0.1, seed=3)  # away from theta_safe: every penalty and teacher term has a gradient
+    method = make(name, method_args(name, base_model=str(tiny_base), **flags))
+    method.begin_task(model, task, memory)
+    if not step_term:
+        method.step_loss = lambda model: None
+    after = method.after_backward
+
+    def capture(m):
+        after(m)
+        raise Captured([p.grad.clone() for p in trainable(m)])
+    method.after_backward = capture
+    torch.manual_seed(0)  # refresh's noise
+    with pytest.raises(Captured) as e:
+        fit(model, method, method.data(task, memory), lr=0.0, epochs=1, batch_size=batch_size, grad_accum=grad_accum,
+            pad_id=tok.pad_id)
+    return e.value.args[0]
+
+
+# lisa in its fine-tuning state: in the alignment state each micro-batch is replaced by a memory batch of its size
+FLAGS = {"lisa": dict(lisa_align_steps=0), "refresh": dict(refresh_inner="der")}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_gradient_accumulation_leaves_the_step_as_it_was(name, tiny_checkpoint, tiny_base, setup):
+    """--grad-accum 2 --batch-size 4 gives --batch-size 8's gradient: the micro-batches (of unequal target tokens)
+    are weighted by their tokens, and a step term (penalty, memory batch) counts once."""
+    whole = first_step_grads(name, tiny_checkpoint, tiny_base, setup, 8, 1, **FLAGS.get(name, {}))
+    split = first_step_grads(name, tiny_checkpoint, tiny_base, setup, 4, 2, **FLAGS.get(name, {}))
+    assert sum(g.norm() for g in whole) > 1e-3
+    for a, b in zip(whole, split):  # 1e-6 of the gradient's scale (EWC's is ~50): fp32 rounding, not a change
+        assert (a - b).abs().max() <= 1e-6 * max(1.0, a.abs().max())
+
+
+@pytest.mark.parametrize("name", ["der", "derpp", "ewc", "l2"])
+def test_a_step_term_counts_once_per_step(name, tiny_checkpoint, tiny_base, setup):
+    full = first_step_grads(name, tiny_checkpoint, tiny_base, setup, 4, 2)
+    user = first_step_grads(name, tiny_checkpoint, tiny_base, setup, 4, 2, step_term=False)
+    tok, _, task, memory = setup
+    model = fresh(tiny_checkpoint)
+    perturb(model, std=0.1, seed=3)
+    method = make(name, method_args(name))
+    method.begin_task(model, task, memory)
+    term = grads(method.step_loss(model), model)  # the same memory draw as the step's
+    assert sum(g.norm() for g in term) > 1e-4
+    for f, u, t in zip(full, user, term):
+        assert (f - u - t).abs().max() <= 1e-6 * max(1.0, t.abs().max())
+
+
+def test_make_builds_a_wrapper_with_its_inner_method():
+    refresh = make("refresh", method_args("refresh", refresh_inner="derpp"))
+    assert type(refresh.inner).__name__ == "DERPP"
+    args = method_args("refresh")
+    args.refresh_inner = "refresh"
+    with pytest.raises(ValueError, match="--refresh-inner 'refresh'"):
+        make("refresh", args)
+
+
+# ----------------------------------------------------------------------------- A-GEM
+
+def agem_case(setup, sign):
+    """An A-GEM method, the memory gradient g_ref, and .grad set to g = sign * g_ref + noise."""
+    _, model, task, memory = setup
+    perturb(model, std=0.1)
+    params = lora.lora_parameters(model)
+    agem = METHODS["agem"](method_args("agem", mem_batch_size=len(memory)))  # the batch is all of M
+    agem.begin_task(model, task, memory)
+    g_ref = torch.cat([g.flatten() for g in torch.autograd.grad(nll(model, collate(memory)), params)])
+    torch.manual_seed(1)
+    g = sign * g_ref + 0.5 * g_ref.norm() / math.sqrt(g_ref.numel()) * torch.randn_like(g_ref)
+    for p, chunk in zip(params, g.split([p.numel() for p in params])):
+        p.grad = chunk.view_as(p).clone()
+    agem.after_backward(model)
+    return g, g_ref, torch.cat([p.grad.flatten() for p in params])
+
+
+def test_agem_projects_a_conflicting_gradient(setup):
+    g, g_ref, projected = agem_case(setup, -1.0)
+    assert g @ g_ref < 0
+    assert projected @ g_ref >= -1e-6 * g_ref.norm() * projected.norm()
+    assert torch.allclose(projected, g - (g @ g_ref) / (g_ref @ g_ref) * g_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_agem_leaves_an_agreeing_gradient_alone(setup):
+    g, g_ref, projected = agem_case(setup, 1.0)
+    assert g @ g_ref >= 0
+    assert torch.equal(projected, g)
+
+
+# ----------------------------------------------------------------------------- constrained SFT
+
+def test_csft_weights_are_one_and_gradient_is_sft_at_the_reference(setup):
+    tok, model, task, _ = setup  # fresh LoRA: the model equals its reference theta_safe
+    csft = METHODS["csft"](method_args("csft"))
+    b = collate(task[:3], tok.pad_id)
+    loss = csft.loss(model, b)
+    assert torch.allclose(loss, nll(model, b), atol=1e-6)  # every w_t = 1
+    for g, g_sft in zip(grads(csft.loss(model, b), model), grads(nll(model, b), model)):
+        assert torch.allclose(g, g_sft, atol=1e-7)
+    logp = torch.tensor([-1.0, -2.0, -3.0])
+    assert torch.equal(csft.weights(logp, logp, torch.tensor([1, 3, 9])), torch.ones(3))
+
+
+def test_csft_beta_by_position_and_weights_move_the_right_way(setup):
+    csft = METHODS["csft"](method_args("csft"))
+    pos = torch.arange(1, 9)
+    up = csft.weights(torch.zeros(8), torch.full((8,), -1.0), pos)  # the model rates the token higher than theta_safe
+    beta = torch.tensor([0.5, 2, 2, 2, 2, 0.1, 0.1, 0.1])
+    assert torch.allclose(up, 2 * (1 - torch.sigmoid(beta)))
+    assert (up < 1).all() and up[1] < up[0] < up[5]  # the larger beta, the sooner the token stops being pushed
+
+
+def test_csft_gradient_is_that_of_qi_et_al_objective(setup):
+    tok, model, task, _ = setup
+    perturb(model, std=0.3)
+    csft = METHODS["csft"](method_args("csft", csft_beta="0.5,2,0.1"))
+    b = collate(task[:3], tok.pad_id)
+    mask = b["labels"][:, 1:] != -100
+    targets = b["labels"][:, 1:][mask]
+    logp = torch.log_softmax(model(b["idx"])[:, :-1][mask], -1).gather(1, targets[:, None])[:, 0]
+    with torch.no_grad(), lora.disabled(model):
+        logp_safe = torch.log_softmax(model(b["idx"])[:, :-1][mask], -1).gather(1, targets[:, None])[:, 0]
+    pos = torch.cat([torch.arange(1, int(n) + 1) for n in mask.sum(1)])  # one response per row
+    beta = torch.tensor([0.5, 2, 0.1])[(pos - 1).clamp(max=2)]
+    qi = -(2 / beta * torch.nn.functional.logsigmoid(beta * (logp - logp_safe))).sum() / mask.sum()
+    for g, g_qi in zip(grads(csft.loss(model, b), model), grads(qi, model)):
+        assert torch.allclose(g, g_qi, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(csft.loss(model, b), nll(model, b))
+
+
+# ----------------------------------------------------------------------------- DER (and DER++)
 
 @pytest.mark.parametrize("topk", [0, 5])
 def test_der_loss_is_zero_when_model_equals_teacher(setup, topk):
@@ -83,9 +212,7 @@ def test_der_loss_is_zero_when_model_equals_teacher(setup, topk):
     # exactly zero with the teacher recomputed; with stored top-k, only bf16 rounding is left (rel. 2^-8)
     bound = 0 if topk == 0 else max((2 ** -8 * m["der_values"].float().abs().max()) ** 2 for m in memory[:3])
     assert der.logit_loss(model, memory[:3]).item() <= bound + 1e-12
-    with torch.no_grad():
-        for p in lora.lora_parameters(model):
-            p.normal_(0, 0.5)
+    perturb(model)
     assert der.logit_loss(model, memory[:3]).item() > 1e-4
 
 
@@ -95,3 +222,370 @@ def test_der_stores_compact_topk(setup):
     der.begin_task(model, task, memory)
     n_targets = sum(l != -100 for l in memory[0]["labels"][1:])
     assert memory[0]["der_values"].shape == (n_targets, 5) and memory[0]["der_values"].dtype == torch.bfloat16
+
+
+def test_derpp_adds_the_memory_label_loss_on_a_second_batch(setup):
+    _, model, task, memory = setup
+    perturb(model, std=0.1)
+    der, derpp = (METHODS[n](method_args(n, beta=0.7)) for n in ("der", "derpp"))
+    for m in (der, derpp):
+        m.begin_task(model, task, memory)
+    rng = derpp.rng.getstate()
+    got = derpp.step_loss(model)
+    derpp.rng.setstate(rng)
+    first = derpp.sample_memory(4)
+    second = derpp.sample_memory(4)
+    assert torch.allclose(got, 0.5 * der.logit_loss(model, first) + 0.7 * nll(model, collate(second)), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- EWC
+
+def scale_b(model, c):
+    with torch.no_grad():
+        for _, m in lora.lora_layers(model):
+            m.lora_B.weight.mul_(c)
+
+
+def test_ewc_penalty_is_zero_at_start_and_grows_with_drift(setup):
+    tok, model, task, memory = setup
+    ewc = METHODS["ewc"](method_args("ewc", ewc_lambda=1e3))
+    ewc.begin_task(model, task, memory)
+    assert ewc.step_loss(model).item() == 0  # B = 0: no drift, no penalty
+    perturb(model, std=0.05)
+    penalties = []
+    for _ in range(3):
+        penalties.append(ewc.step_loss(model).item())
+        scale_b(model, 2.0)
+    assert 0 < penalties[0] < penalties[1] < penalties[2]
+
+
+def test_ewc_fisher_is_the_mean_of_batch_squared_grads_at_theta_safe(setup, monkeypatch):
+    _, model, task, memory = setup
+    perturb(model)  # the Fisher must be taken with the adapters disabled, whatever they hold
+    calls = []
+    monkeypatch.setattr(methods.ewc, "nll", lambda m, b: calls.append(len(b["idx"])) or nll(m, b))
+    ewc = METHODS["ewc"](method_args("ewc", fisher_batch_size=4))
+    ewc.begin_task(model, task, memory)
+    assert calls == [4, 2]  # batched: ceil(6 / 4) forward/backward passes, not one per example
+    layers = [m for _, m in lora.lora_layers(model)]
+    assert all(not m.weight.requires_grad for m in layers)  # the base stays frozen afterwards
+    weights = [m.weight.requires_grad_(True) for m in layers]
+    expected = [torch.zeros_like(w) for w in weights]
+    for chunk in (memory[:4], memory[4:]):  # by hand: squared grads of each batch's mean NLL, averaged
+        with lora.disabled(model):
+            g = torch.autograd.grad(nll(model, collate(chunk)), weights)
+        for e, gi in zip(expected, g):
+            e += gi ** 2 / 2
+    for w in weights:
+        w.requires_grad_(False)
+    assert len(ewc.fisher) == len(layers)
+    for (m, f), e, layer in zip(ewc.fisher, expected, layers):
+        assert m is layer and f.shape == layer.weight.shape
+        assert (f >= 0).all() and f.sum() > 0
+        assert torch.allclose(f, e, rtol=1e-5, atol=1e-12)
+
+
+def test_ewc_fisher_batches_caps_the_passes(setup, monkeypatch):
+    _, model, task, memory = setup
+    calls = []
+    monkeypatch.setattr(methods.ewc, "nll", lambda m, b: calls.append(len(b["idx"])) or nll(m, b))
+    METHODS["ewc"](method_args("ewc", fisher_batch_size=2, fisher_batches=2)).begin_task(model, task, memory)
+    assert calls == [2, 2]
+
+
+# ----------------------------------------------------------------------------- L2
+
+def test_l2_penalty_is_the_drift_and_grows_with_it(setup):
+    _, model, _, _ = setup
+    l2 = METHODS["l2"](method_args("l2", l2_lambda=2.0))
+    assert drift(model).item() == 0 and l2.step_loss(model).item() == 0  # fresh LoRA: B = 0
+    perturb(model)
+    ref = sum((m.delta() ** 2).sum() for _, m in lora.lora_layers(model))
+    assert torch.allclose(drift(model), ref, rtol=1e-5)
+    assert torch.allclose(l2.step_loss(model), ref, rtol=1e-4)  # lambda / 2 = 1
+    values = []
+    for _ in range(3):
+        values.append(drift(model).item())
+        scale_b(model, 2.0)
+    assert values[0] > 0 and values[1] == pytest.approx(4 * values[0], rel=1e-5) and values[2] > values[1]
+
+
+# ----------------------------------------------------------------------------- Lisa
+
+def test_lisa_alternates_states_on_schedule(setup):
+    tok, model, task, memory = setup
+    lisa = METHODS["lisa"](method_args("lisa", lisa_align_steps=2, lisa_user_steps=3, lisa_rho=0.0))
+    lisa.begin_task(model, task, memory)
+    b = collate(task[:2], tok.pad_id)
+    states = []
+    for step in range(10):
+        lisa.begin_step(model, step, [b, b])
+        for _ in range(2):  # two micro-batches: the state holds for the whole step
+            states.append(lisa.aligning)
+            rng = lisa.rng.getstate()
+            loss = lisa.loss(model, b)
+            if lisa.aligning:  # the user batch is replaced by a memory batch of its size
+                lisa.rng.setstate(rng)
+                assert torch.allclose(loss, nll(model, collate(lisa.sample_memory(2))))
+            else:
+                assert torch.allclose(loss, nll(model, b))
+    assert states[::2] == states[1::2] == [True] * 2 + [False] * 3 + [True] * 2 + [False] * 3
+
+
+def test_lisa_proximal_term_is_zero_at_the_switch_and_grows_with_drift(setup):
+    tok, model, task, memory = setup
+    rho = 2.0
+    lisa = METHODS["lisa"](method_args("lisa", lisa_align_steps=1, lisa_user_steps=1, lisa_rho=rho))
+    lisa.begin_task(model, task, memory)
+    b = collate(task[:2], tok.pad_id)
+    lisa.begin_step(model, 0, [b])  # the alignment state begins: w_switch = w
+    assert lisa.aligning and lisa.proximal(model).item() == 0
+    drifts = []
+    for _ in range(3):
+        with torch.no_grad():
+            for p in lora.lora_parameters(model):
+                p.add_(0.01)
+        drifts.append(lisa.proximal(model).item())
+    n = sum(p.numel() for p in lora.lora_parameters(model))
+    assert drifts == pytest.approx([n * 0.01 ** 2, n * 0.02 ** 2, n * 0.03 ** 2], rel=1e-3)
+    lisa.begin_step(model, 1, [b])  # the user state begins at the drifted weights, so the term is 0 again
+    assert not lisa.aligning and lisa.proximal(model).item() == 0 and torch.equal(lisa.loss(model, b), nll(model, b))
+    with torch.no_grad():
+        lora.lora_parameters(model)[0].add_(0.1)
+    assert torch.allclose(lisa.step_loss(model), rho / 2 * lisa.proximal(model)) and lisa.proximal(model).item() > 0
+
+
+# ----------------------------------------------------------------------------- LwF
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_lwf_term_is_zero_for_the_teacher_and_positive_after_drift(setup, hidden):
+    tok, model, task, _ = setup
+    lwf = METHODS["lwf"](method_args("lwf", lwf_hidden=hidden))
+    b = collate(task[:3], tok.pad_id)
+    assert torch.allclose(lwf.loss(model, b), nll(model, b), atol=1e-6)  # fresh LoRA: the model is theta_safe
+    perturb(model)
+    assert (lwf.loss(model, b) - nll(model, b)).item() > 1e-4
+
+
+def test_lwf_kl_matches_the_formula(setup):
+    tok, model, task, _ = setup
+    perturb(model)
+    T, lam = 3.0, 0.7
+    lwf = METHODS["lwf"](method_args("lwf", lwf_temperature=T, lwf_lambda=lam))
+    b = collate(task[:3], tok.pad_id)
+    mask = b["labels"][:, 1:] != -100
+    student = model(b["idx"])[:, :-1][mask]
+    with lora.disabled(model):
+        teacher = model(b["idx"])[:, :-1][mask]
+    p = torch.softmax(teacher / T, -1)
+    kl = (p * (torch.log_softmax(teacher / T, -1) - torch.log_softmax(student / T, -1))).sum(-1).mean()
+    assert torch.allclose(lwf.loss(model, b) - nll(model, b), lam * T ** 2 * kl, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- MagMax
+
+def test_magmax_keeps_the_larger_magnitude_entry_and_scales(setup, tiny_base):
+    _, model, _, _ = setup
+    perturb(model, std=0.3)
+    base = base_weights(model, tiny_base)
+    layers = dict(lora.lora_layers(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    deltas = {f"{n}.weight": m.delta().detach().clone() for n, m in layers.items()}
+    s = 0.7
+    magmax.merge(model, base, scale=s)
+    picked_user = picked_safe = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        tau_safe = before[name] - base[name]
+        if name in deltas:  # a LoRA'd weight: per entry the larger of tau_safe and delta
+            d = deltas[name]
+            user = d.abs() > tau_safe.abs()
+            picked_user, picked_safe = picked_user + int(user.sum()), picked_safe + int((~user).sum())
+            expected = base[name] + s * torch.where(user, d, tau_safe)
+        else:  # no LoRA: tau_user = 0, the entry is W_base + s * tau_safe
+            expected = base[name] + s * tau_safe
+        assert torch.allclose(p, expected, atol=1e-6), name
+    assert picked_user > 0 and picked_safe > 0  # both sides won somewhere: the test saw a real choice
+    assert all(not m.lora_B.weight.any() for m in layers.values())  # the delta now lives in the weights
+
+
+def test_magmax_of_several_tasks_scales_once(setup, tiny_base):
+    _, model, _, _ = setup
+    base = base_weights(model, tiny_base)
+    name, m = lora.lora_layers(model)[0]
+    w0 = m.weight.detach().clone()
+    perturb(model, std=0.3, seed=1)
+    d1 = m.delta().detach().clone()
+    magmax.merge(model, base, scale=0.5)
+    perturb(model, std=0.3, seed=2)
+    d2 = m.delta().detach().clone()
+    magmax.merge(model, base, scale=0.5, prior_scale=0.5)
+    tau = magmax.max_magnitude(magmax.max_magnitude(w0 - base[f"{name}.weight"], d1), d2)
+    assert torch.allclose(m.weight, base[f"{name}.weight"] + 0.5 * tau, atol=1e-6)
+
+
+def test_magmax_cli_merges_a_finished_run(tiny_checkpoint, tiny_base, tmp_path):
+    model = lora.apply_lora(Transformer.from_pretrained(tiny_checkpoint), rank=4, alpha=8)
+    perturb(model, std=0.3)
+    lora.save_adapter(model, tmp_path / "adapter")
+    magmax.main(["--model", str(tiny_checkpoint), "--base-model", str(tiny_base), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged"), "--scale", "0.8"])
+    magmax.merge(model, base_weights(model, tiny_base), scale=0.8)
+    merged = Transformer.from_pretrained(tmp_path / "merged")
+    idx = torch.arange(12)[None]
+    assert torch.allclose(merged(idx), model(idx), atol=1e-5)
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+
+
+def test_base_model_is_required_with_model():
+    with pytest.raises(ValueError, match="--base-model"):
+        METHODS["magmax"](method_args("magmax"))
+    assert METHODS["magmax"].changes_frozen_weights and not METHODS["safelora"].changes_frozen_weights
+
+
+# ----------------------------------------------------------------------------- Refresh
+
+def test_refresh_with_zero_rate_is_its_inner_method(tiny_checkpoint, setup):
+    tok, _, task, memory = setup
+    alone = train_steps(make("der", method_args("der")), fresh(tiny_checkpoint), tok, task, memory)
+    args = method_args("refresh", refresh_inner="der", refresh_lr=0.0)
+    wrapped = train_steps(make("refresh", args), fresh(tiny_checkpoint), tok, task, memory)
+    assert all(torch.equal(a, b) for a, b in zip(alone, wrapped))
+    args = method_args("refresh", refresh_inner="der", refresh_lr=0.05)
+    refreshed = train_steps(make("refresh", args), fresh(tiny_checkpoint), tok, task, memory)
+    assert any(not torch.equal(a, b) for a, b in zip(alone, refreshed))
+
+
+@pytest.mark.parametrize("damping", [0.0, 1.0])
+def test_refresh_unlearning_ascends_the_current_loss(setup, damping):
+    tok, model, task, memory = setup
+    refresh = make("refresh", method_args("refresh", refresh_lr=0.02, refresh_noise=0.0, refresh_fisher=damping))
+    refresh.begin_task(model, task, memory)
+    assert (refresh.fisher is None) == (damping == 0)
+    perturb(model, std=0.1)  # B != 0, so every tensor has a gradient
+    b = collate(task[:2], tok.pad_id)
+    before, loss = lora_state(model), nll(model, b).item()
+    refresh.unlearn(model, [b])
+    assert nll(model, b).item() > loss
+    for p0, p in zip(before, lora.lora_parameters(model)):  # each tensor moves by gamma * its norm (undamped)
+        moved = (p - p0).norm().item()
+        if damping == 0:
+            assert moved == pytest.approx(0.02 * p0.norm().item(), rel=1e-4)
+        else:
+            assert 0 < moved <= 0.02 * p0.norm().item() * (1 + 1e-4)
+
+
+def test_refresh_unlearns_on_schedule_on_the_whole_step(setup):
+    tok, model, task, memory = setup
+    refresh = make("refresh", method_args("refresh", refresh_every=2))
+    calls, begin = [], refresh.begin_step
+    refresh.unlearn = lambda m, batches: calls.append((step[0], len(batches)))
+    step = [None]
+
+    def begin_step(m, s, batches):
+        step[0] = s
+        begin(m, s, batches)
+    refresh.begin_step = begin_step
+    train_steps(refresh, model, tok, task, memory, grad_accum=2, epochs=1.5)  # 12 examples, 4 a step: 3 steps
+    assert calls == [(0, 2), (2, 2)]
+
+
+def test_refresh_takes_its_inner_methods_flags():
+    args = train.get_args(["--method", "refresh", "--refresh-inner", "derpp", "--alpha", "0.3", "--refresh-lr", "0.1"])
+    assert args.refresh_inner == "derpp" and args.alpha == 0.3 and args.beta == 0.5 and args.refresh_lr == 0.1
+    with pytest.raises(SystemExit):
+        train.get_args(["--method", "refresh", "--refresh-inner", "refresh"])
+
+
+# ----------------------------------------------------------------------------- replay
+
+def test_replay_mixes_the_requested_share(setup):
+    _, _, task, memory = setup
+    mixed = METHODS["replay"](method_args("replay", replay_ratio=0.5)).data(task, memory)
+    assert len(mixed) == len(task) + 4 and all(m in memory for m in mixed[len(task):])
+
+
+# ----------------------------------------------------------------------------- Safe LoRA
+
+def layer_views(model, base, exact=False):
+    """name -> (C, delta) for each LoRA layer."""
+    return {n: (safelora.projector(m.weight - base[f"{n}.weight"], exact), m.delta().detach().clone())
+            for n, m in lora.lora_layers(model)}
+
+
+def cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_safelora_projects_only_layers_below_the_threshold(setup, tiny_base):
+    _, model, _, _ = setup
+    perturb(model, std=0.3)
+    base = base_weights(model, tiny_base)
+    views = layer_views(model, base)
+    sims = sorted(cos(c @ d, d) for c, d in views.values())
+    threshold = (sims[0] + sims[-1]) / 2  # some layers on each side
+    B = {n: m.lora_B.weight.detach().clone() for n, m in lora.lora_layers(model)}
+    report = safelora.project(model, base, threshold)
+    assert 0 < sum(r["projected"] for r in report) < len(report)
+    for r, (name, m) in zip(report, lora.lora_layers(model)):
+        c, d = views[name]
+        assert r["name"] == name and r["cos"] == pytest.approx(cos(c @ d, d), abs=1e-6)
+        if r["cos"] < threshold:
+            assert r["projected"] and torch.allclose(m.delta(), c @ d, atol=1e-6)  # delta' = C delta, still a LoRA
+            exact = safelora.projector(m.weight - base[f"{name}.weight"], exact=True)
+            assert torch.allclose(exact @ m.delta(), m.delta(), atol=1e-5)  # it lies in V's column space
+        else:
+            assert not r["projected"] and torch.equal(m.lora_B.weight, B[name])  # untouched
+
+
+def test_safelora_exact_projection_is_idempotent(setup, tiny_base):
+    _, model, _, _ = setup
+    perturb(model, std=0.3)
+    base = base_weights(model, tiny_base)
+    for c, _ in layer_views(model, base, exact=True).values():
+        assert torch.allclose(c @ c, c, atol=1e-5)
+        assert 1.5 < torch.trace(c) < 2.5  # a projection onto V's 2 dimensions
+    safelora.project(model, base, threshold=1.1, exact=True)  # every layer
+    once = [m.delta().detach().clone() for _, m in lora.lora_layers(model)]
+    report = safelora.project(model, base, threshold=1.1, exact=True)
+    assert all(r["cos"] == pytest.approx(1.0, abs=1e-5) for r in report)  # nothing left outside the subspace
+    for d, (_, m) in zip(once, lora.lora_layers(model)):
+        assert torch.allclose(m.delta(), d, atol=1e-5)
+
+
+def test_safelora_end_task_uses_base_model(setup, tiny_base):
+    tok, model, task, memory = setup
+    perturb(model, std=0.3)
+    method = METHODS["safelora"](method_args("safelora", base_model=str(tiny_base), safelora_threshold=1.1))
+    method.begin_task(model, task, memory)
+    method.end_task(model)
+    assert all(r["projected"] for r in method.report)
+
+
+# ----------------------------------------------------------------------------- end to end through train.py
+
+RUNS = {
+    "refresh": ["--refresh-inner", "der", "--mem-batch-size", "2"],
+    "magmax": ["--magmax-scale", "0.9"],
+    "lisa": ["--lisa-align-steps", "1", "--lisa-user-steps", "1"],
+    "safelora": [],
+    "csft": [],
+}
+
+
+@pytest.mark.parametrize("scenario", ["benign", "poisoned"])
+@pytest.mark.parametrize("name", list(RUNS))
+def test_newer_methods_run_through_train(tiny_checkpoint, tiny_base, tmp_path, name, scenario):
+    flags = RUNS[name] + (["--base-model", str(tiny_base)] if name in ("magmax", "safelora") else [])
+    out = tmp_path / "run"
+    train.main(["--model", str(tiny_checkpoint), "--method", name, "--scenario", scenario, "--out", str(out),
+                "--poison-data", os.path.join(FIX, "instruction.jsonl"), *flags, *FAST])
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == name and 0 <= res["asr"] <= 1 and res["config"]["method"] == name
+
+
+def test_magmax_without_base_model_is_one_line_error(tiny_checkpoint, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(tiny_checkpoint), "--method", "magmax", "--out", str(tmp_path / "o"), *FAST])
+    assert "--base-model" in str(e.value.code)

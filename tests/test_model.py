@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import edit_config
 from model import ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -78,12 +79,6 @@ def test_load_dtype(tmp_path):
 
 
 # ---- errors: each bad input names what is wrong -----------------------------------------------
-
-def edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.update(changes)
-    (path / "config.json").write_text(json.dumps(cfg))
-
 
 @pytest.mark.parametrize("changes, message", [
     (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import loop
 import train
 from test_train import FIX
 
@@ -66,7 +67,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tiny_checkpoint, tmp_path,
     stop_and_resume(tiny_checkpoint, tmp_path / "run", uninterrupted, method, RUN, stop_after, where)
 
 
-REFRESH = [*RUN, "--base", "derpp", "--refresh-every", "2"]  # unlearns on even steps; DER++'s rng and logits
+REFRESH = [*RUN, "--refresh-inner", "derpp", "--refresh-every", "2"]  # unlearns on even steps; DER++'s rng and logits
 LISA = [*RUN, "--lisa-align-steps", "2", "--lisa-user-steps", "3"]  # align on steps 0-1 and 5-6, user on 2-4 and 7
 
 
@@ -77,7 +78,7 @@ LISA = [*RUN, "--lisa-align-steps", "2", "--lisa-user-steps", "3"]  # align on s
     ("lisa", LISA, 11, "step 3/8 of task 2/2"),  # inside a user stint: w_switch from step 2
 ])
 def test_methods_with_step_state_resume_mid_task(tiny_checkpoint, tmp_path, uninterrupted, method, base, stop_after, where):
-    """Refresh's and Lisa's schedules count optimizer steps; Lisa keeps w_switch; DER++ inside Refresh its rng."""
+    """Refresh's and Lisa's schedules follow the loop's step; Lisa keeps w_switch; DER++ inside Refresh its rng."""
     stop_and_resume(tiny_checkpoint, tmp_path / "run", uninterrupted, method, base, stop_after, where)
 
 
@@ -168,26 +169,26 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_a_hint(tiny_checkpoint, tmp_
 
 
 def test_ctrl_c_writes_a_checkpoint_at_the_end_of_the_step(tiny_checkpoint, tmp_path, monkeypatch, uninterrupted):
-    lr_at = train.lr_at
+    lr_at = loop.lr_at
 
-    def interrupt_at_step_5(step, total, args):  # Ctrl-C arrives while step 5 runs
+    def interrupt_at_step_5(step, *args):  # Ctrl-C arrives while step 5 runs
         if step == 5:
             os.kill(os.getpid(), signal.SIGINT)
-        return lr_at(step, total, args)
-    monkeypatch.setattr(train, "lr_at", interrupt_at_step_5)
+        return lr_at(step, *args)
+    monkeypatch.setattr(loop, "lr_at", interrupt_at_step_5)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         train.main(argv(tiny_checkpoint, out, base=LONG))
     assert str(e.value.code).startswith("stopped by SIGINT after step 6/30")
     assert json.loads((out / "ckpt" / "manifest.json").read_text())["step"] == 6
-    monkeypatch.setattr(train, "lr_at", lr_at)
+    monkeypatch.setattr(loop, "lr_at", lr_at)
     train.main(argv(tiny_checkpoint, out, "--resume", base=LONG))
     assert_same_run(uninterrupted("sft", LONG), out)
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
-    lr_at = train.lr_at
-    monkeypatch.setattr(train, "lr_at", lambda step, total, args: float("nan") if step >= 7 else lr_at(step, total, args))
+    lr_at = loop.lr_at
+    monkeypatch.setattr(loop, "lr_at", lambda step, *args: float("nan") if step >= 7 else lr_at(step, *args))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         train.main(argv(tiny_checkpoint, out, base=LONG))

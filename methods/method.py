@@ -1,0 +1,124 @@
+"""What a continual-learning method is here: a few hooks around the training loop (loop.py; mammoth's shape).
+
+The loop owns the data order, backward, gradient accumulation, autocast, the optimizer and the
+schedule; a method only says what to minimise and, if it must, how to touch the gradients.
+
+    begin_task(model, task, memory)    once per user task, before its first step
+    data(task, memory)                 the examples to train on (replay mixes memory in here)
+    begin_step(model, step, batches)   before optimizer step `step` (0-based, of the task); its micro-batches
+    loss(model, batch) -> Tensor       the loss of one micro-batch of user data: a plain mean over its targets
+    step_loss(model) -> Tensor | None  a term of the whole step (a penalty, a memory batch), or None
+    after_backward(model)              after the step's gradients are complete (A-GEM projects here)
+    end_task(model)                    after the task's last step
+    state_dict() / load_state_dict()   the method's state in a checkpoint (default: self.rng's)
+
+Gradient accumulation is the loop's business (torchtune's recipes): it weights each micro-batch's
+loss by the micro-batch's share of the step's target tokens and adds step_loss once per optimizer
+step, so --grad-accum 2 --batch-size 4 computes the gradient of --batch-size 8. A method never counts
+steps or micro-batches: begin_step says which step it is.
+
+`model` is the aligned model with a fresh LoRA; `lora.disabled(model)` runs theta_safe, the aligned
+model itself. `memory` is the safety memory M: tokenized harmful prompts with refusals (plus benign
+prompts with helpful answers). A batch is batches.collate's dict: idx, labels, tgt_pos, tgt.
+"""
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from batches import at_targets
+from model import load_safetensors
+
+
+class Method:
+    name = None  # --method NAME
+    changes_frozen_weights = False  # True: end_task edits the frozen weights (MagMax); train.py then saves a merged checkpoint
+    inner_flag = None  # a method that runs around another (refresh) names it in this flag; train.py builds both
+
+    @staticmethod
+    def add_args(parser):
+        pass
+
+    def __init__(self, args):
+        self.args = args
+        self.rng = random.Random(args.seed)
+
+    def begin_task(self, model, task, memory):
+        self.memory = memory
+
+    def data(self, task, memory):
+        return list(task)
+
+    def begin_step(self, model, step, batches):
+        pass
+
+    def loss(self, model, batch):
+        return nll(model, batch)
+
+    def step_loss(self, model):
+        return None
+
+    def after_backward(self, model):
+        pass
+
+    def end_task(self, model):
+        pass
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on exactly as an uninterrupted one (checkpoint.py).
+
+        Values are tensors or JSON. The default is self.rng's state; a method whose state lives beyond
+        one step extends both functions. What begin_task and data build is not saved: on --resume they
+        run again from the state saved as the task began (DER recomputes its top-k logits, EWC its Fisher).
+        """
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict):
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+    def sample_memory(self, size):
+        """A random batch (list of examples) of the safety memory."""
+        return self.rng.sample(self.memory, min(size, len(self.memory)))
+
+
+def nll(model, batch):
+    """Mean next-token NLL over the batch's target tokens.
+
+    Logits are computed only where there is a target: the vocabulary projection is the costliest
+    matmul of a small model, and most tokens of a chat example are prompt.
+    """
+    h = at_targets(model(batch["idx"], return_hidden=True), batch)  # (N, dim)
+    logits = model.lm_head(h).float()  # (N, vocab)
+    return F.cross_entropy(logits, batch["tgt"], reduction="sum") / max(len(batch["tgt"]), 1)
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def base_model_dir(args) -> Path:
+    """theta_base, the unaligned checkpoint the aligned model came from (MagMax, SafeLoRA): train.py's --base-model."""
+    if not getattr(args, "base_model", None):
+        raise ValueError("--base-model DIR is required with --model: the unaligned checkpoint your aligned model was trained from")
+    path = Path(args.base_model)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--base-model {path}: no config.json there")
+    return path
+
+
+def base_weights(model, path) -> dict:
+    """theta_base's tensors (on the CPU) for every non-LoRA parameter of `model`, by name; shapes must match."""
+    sd = load_safetensors(Path(path))
+    out = {}
+    for name, p in model.named_parameters():  # a tied lm_head is listed once, as model.embed_tokens.weight
+        if "lora_" in name:
+            continue
+        if name not in sd:
+            raise ValueError(f"--base-model {path}: no tensor {name!r}; is it the model the aligned one came from?")
+        if sd[name].shape != p.shape:
+            raise ValueError(f"--base-model {path}: {name} has shape {tuple(sd[name].shape)}, the model {tuple(p.shape)}")
+        out[name] = sd[name]
+    return out
