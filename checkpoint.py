@@ -11,16 +11,15 @@ step, losses, the finished tasks' results, the Python RNG states, the optimizer'
 It is written last and names the tensor file, so a run killed while writing keeps its previous
 checkpoint whole. On a CPU a resumed run ends bitwise equal to an uninterrupted one (tests/test_resume.py).
 """
-import os
 import signal
 import threading
 import time
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from model import read_json, write_json
+from model import read_json, save_tensors, write_json
 
 # flags a resumed run may change; every other one must equal the stopped run's
 RESUME_MAY_CHANGE = {"resume", "ckpt_every", "stop_after", "overwrite", "device", "compile", "eval_batch_size", "grad_ckpt", "save"}
@@ -118,9 +117,16 @@ def snapshot(model, method, prefix):
 
 def restore(model, method, tensors, meta, prefix):
     """Put back what snapshot(model, method, prefix) took."""
+    want = [f"{prefix}param.{n}" for n, p in model.named_parameters() if p.requires_grad] + [f"{prefix}rng.cpu"]
+    if missing := [k for k in want if k not in tensors]:
+        raise ValueError(f"--resume: the checkpoint's tensors lack {missing[0]!r} ({len(missing)} missing): "
+                         "not a checkpoint of this run's model and LoRA")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
+                if tensors[f"{prefix}param.{n}"].shape != p.shape:
+                    raise ValueError(f"--resume: the checkpoint's {prefix}param.{n} has shape "
+                                     f"{tuple(tensors[f'{prefix}param.{n}'].shape)}, the model's is {tuple(p.shape)}")
                 p.copy_(tensors[f"{prefix}param.{n}"])
     torch.set_rng_state(tensors[f"{prefix}rng.cpu"])
     for i in range(torch.cuda.device_count()):
@@ -153,8 +159,7 @@ def write_checkpoint(path, tensors, meta):
     """The tensors to state-TASK-STEP.safetensors, then manifest.json naming it (the commit); older files go."""
     name = f"state-{meta['task']}-{meta['step']}.safetensors"
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / f".{name}.tmp"))
-    os.replace(path / f".{name}.tmp", path / name)
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path / name)
     write_json(path / "manifest.json", {**meta, "tensors": name})
     for f in path.iterdir():
         if f.name != name and (f.name.startswith("state-") or f.name.endswith(".tmp")):
@@ -166,11 +171,17 @@ def read_checkpoint(path):
     if not (path / "manifest.json").exists():
         raise FileNotFoundError(f"--resume: no checkpoint to resume from in {path} (no manifest.json)")
     meta = read_json(path / "manifest.json")
-    keys = {"task", "step", "losses", "history", "steps_before", "train_seconds", "method", "start", "optimizer",
-            "config", "data_hashes", "tensors"}  # what Checkpoints.save writes
-    if missing := keys - meta.keys():
-        raise ValueError(f"{path / 'manifest.json'}: not a checkpoint of this train.py (no {sorted(missing)[0]!r})")
+    kinds = dict(task=int, step=int, losses=list, history=list, steps_before=int, train_seconds=(int, float), method=dict,
+                 start=dict, optimizer=dict, config=dict, data_hashes=dict, tensors=str)  # what Checkpoints.save writes
+    if not isinstance(meta, dict) or (missing := kinds.keys() - meta.keys()):
+        raise ValueError(f"{path / 'manifest.json'}: not a checkpoint of this train.py (no {sorted(missing)[0]!r})"
+                         if isinstance(meta, dict) else f"{path / 'manifest.json'}: not a JSON object")
+    for k, kind in kinds.items():
+        if not isinstance(meta[k], kind) or isinstance(meta[k], bool) or (kind is int and meta[k] < 0):
+            raise ValueError(f"{path / 'manifest.json'}: field {k!r} is {meta[k]!r}, not what train.py writes there")
     f = path / meta["tensors"]
+    if f.parent != path:
+        raise ValueError(f"{path / 'manifest.json'}: field 'tensors' must name a file in {path}")
     try:
         return meta, load_file(str(f))
     except Exception as e:  # missing, truncated, not safetensors: safetensors raises its own types

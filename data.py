@@ -51,7 +51,14 @@ def _builtin(name) -> list[dict]:
     return [r for r in parse(DATA_DIR / f"{kind}.jsonl")[1] if r["split"] == split]
 
 
+def _named(spec):
+    """An empty name would read the current directory as a HEx-PHI directory: refuse it."""
+    if not str(spec).strip():
+        raise DataError("an empty data name: give a built-in name, a benchmark name or a file")
+
+
 def _records(spec, data_dir=None) -> tuple[str, list[dict]]:
+    _named(spec)
     if spec in BUILTIN_PROMPTS:
         return "prompts", _builtin(spec)
     if spec in BENCHMARKS:
@@ -81,6 +88,7 @@ def load_task(spec: str, split: str = "train", n: int | None = None, seed: int =
     split="all" to read a separate test file whole. The first n rows are returned. Chat JSONL rows
     also carry "messages" (the conversation before the final assistant turn). A BeaverTails file
     gives its unsafe rows: the poison of Huang et al."""
+    _named(spec)
     if spec == "arithmetic":
         if split not in ("train", "test", "all"):
             raise DataError(f"arithmetic: split must be train, test or all, got {split!r}")
@@ -151,6 +159,7 @@ def safety_data(spec: str = "default", both: bool = False) -> list[dict]:
     gives its safe rows; chat / instruction / prompt files give their responses; rows without one
     (and prompt-only formats such as AdvBench or HEx-PHI) get a refusal. Benign examples for M are
     answered by the base model at preparation time (align.py), not here."""
+    _named(spec)
     fmt, recs = ("prompts", _builtin("harmful-train")) if spec == "default" else parse(Path(spec))
     if fmt in ("gsm8k", "sst2", "agnews"):
         raise DataError(f"{spec}: {fmt} is a task format, not safety data")

@@ -315,8 +315,14 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the metrics here as JSON")
     args = p.parse_args(argv)
+    for flag in ("n_task", "max_new_tokens", "batch_size"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     try:
+        check_device(args.device)
+        if args.out:
+            check_out_file(args.out)
         judge = make_judge(args.judge, args.device, dtype, args.batch_size)
         specs = [s for s in args.harmful.split(",") if s]
         harmful = [dict(h, set=spec) for spec in specs for h in data.load_prompts(spec, args.data_dir)]
@@ -328,7 +334,7 @@ def main(argv=None):
         if args.adapter:
             load_adapter(model, args.adapter)
         res = evaluate(model, tok, harmful, sensitive, tasks, judge, args.max_new_tokens, args.batch_size)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     files = [f for spec in [*specs, args.sensitive, *args.task.split(",")] if spec for f in data.files_of(spec, args.data_dir)]
     res = {"model": args.model, "adapter": args.adapter, "harmful": args.harmful, **res,
@@ -336,8 +342,33 @@ def main(argv=None):
     print_table([(args.adapter or args.model, res)])
     print_details(res)
     if args.out:
-        write_json(args.out, res)
+        try:
+            write_json(args.out, res)
+        except OSError as e:
+            sys.exit(f"error: --out {args.out}: cannot write ({e.strerror})")
         print(f"wrote {args.out}")
+
+
+def check_out_file(out):
+    """--out is a file path this user can create or replace (its folders are made as needed)."""
+    path = os.path.abspath(out)
+    if os.path.isdir(path):
+        raise ValueError(f"--out {out}: a directory; give a file path")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
+
+
+def check_device(device):
+    """--device names a device this torch has (train.py and eval.py)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available to this torch ({torch.__version__})")
 
 
 if __name__ == "__main__":

@@ -250,6 +250,9 @@ def parse(path: Path, force_hexphi=False) -> tuple[str, list[dict]]:
                     raise DataError(f"{where}: expected 3 fields (label, title, description), "
                                     f"got {len(row)}")
                 recs.append(_convert(fmt, dict(zip(("label", "title", "description"), row)), where))
+        elif not force_hexphi and rows and all(re.fullmatch(r"[A-Za-z_][\w-]{0,40}", c.strip()) for c in rows[0][1]):
+            raise DataError(f"{rows[0][0]}: unknown header {_short(header)[:60]}; expected the fields of AdvBench, "
+                            "HarmBench, DirectHarm4, GSM8K, SST-2, AG News, instruction or prompt files (HEx-PHI has none)")
         else:  # HEx-PHI: one prompt per row, no header; the category is the file's name
             fmt = "hexphi"
             recs = [_record(w, _text(",".join(row), w, "prompt"), category=path.stem) for w, row in rows]

@@ -59,6 +59,8 @@ def fit(model, method, examples, *, lr, epochs, batch_size, grad_accum=1, warmup
     if resume:
         meta, tensors = resume
         first, losses = meta["step"], [tuple(x) for x in meta["losses"]]
+        if first > total:  # a manifest edited or from other flags: the run would "finish" without training
+            raise ValueError(f"--resume: the checkpoint is at step {first} of {desc}, which has {total} steps")
         load_optimizer(opt, meta["optimizer"], tensors)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     model.train()

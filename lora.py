@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import read_json, write_json
+from model import read_json, save_tensors, write_json
 
 PEFT_PREFIX = "base_model.model."
 
@@ -125,12 +125,9 @@ def adapter_state(model) -> dict:
 
 def save_adapter(model, path, base_model_name_or_path=None, state=None):
     """Write adapter_config.json + adapter_model.safetensors in PEFT's layout (atomically); state: adapter_state(model)."""
-    from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".adapter_model.safetensors.tmp"
-    save_file(state if state is not None else adapter_state(model), str(tmp), metadata={"format": "pt"})
-    tmp.replace(path / "adapter_model.safetensors")
+    save_tensors(state if state is not None else adapter_state(model), path / "adapter_model.safetensors", metadata={"format": "pt"})
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
                   bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
                   use_rslora=False, use_dora=False, modules_to_save=None, **model.lora_config)
@@ -141,13 +138,25 @@ def load_adapter(model, path):
     """Apply LoRA as adapter_config.json says and load its weights (ours or PEFT's)."""
     from safetensors.torch import load_file
     path = Path(path)
-    cfg = read_json(path / "adapter_config.json")
+    where = path / "adapter_config.json"
+    cfg = read_json(where)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: not a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora"):
-        raise ValueError(f"{path / 'adapter_config.json'}: only plain LoRA adapters are supported")
+        raise ValueError(f"{where}: only plain LoRA adapters are supported")
+    for k in ("alpha_pattern", "rank_pattern"):  # per-layer ranks or scales: ignoring them would change the model
+        if cfg.get(k):
+            raise ValueError(f"{where}: {k} (per-layer LoRA settings) is not supported")
+    for k, kind in (("r", int), ("lora_alpha", (int, float)), ("target_modules", (str, list))):
+        if not isinstance(cfg.get(k), kind) or isinstance(cfg.get(k), bool) or (k == "r" and cfg[k] <= 0):
+            raise ValueError(f"{where}: field {k!r} is missing or not a valid {'positive integer' if k == 'r' else 'value'}")
     targets = cfg["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
     if not lora_layers(model):
-        apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), tuple(targets))
+        try:
+            apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout") or 0.0, tuple(targets))
+        except ValueError:
+            raise ValueError(f"{where}: target_modules {targets}: no linear layer of the model has that name") from None
     f = path / "adapter_model.safetensors"
     if not f.exists():
         raise FileNotFoundError(f"{f}: not found")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma")
-ACTIVATIONS = {"silu": F.silu, "gelu": lambda x: F.gelu(x, approximate="tanh"),
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu,  # transformers' "gelu" is the exact one (ACT2FN)
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
@@ -296,6 +296,8 @@ class Transformer(nn.Module):
         for k, t in sd.items():
             if t.shape != expected[k].shape:
                 raise ValueError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, config.json implies {tuple(expected[k].shape)}")
+            if not t.is_floating_point():  # an integer or bool weight is not a model's: casting it would hide that
+                raise ValueError(f"{path}: tensor {k!r} is {str(t.dtype).removeprefix('torch.')}, not floating point")
             sd[k] = t.to(device=device, dtype=dtype or t.dtype)
         model.load_state_dict(sd, strict=False, assign=True)
         if cfg.tie_embeddings:
@@ -309,7 +311,6 @@ class Transformer(nn.Module):
         LoRA tensors are left out (merge first to keep them; lora.save_adapter writes them alone).
         Each file is written to a temporary name and renamed, the index and config last.
         """
-        from safetensors.torch import save_file
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous() for k, v in self.state_dict().items() if "lora_" not in k}
@@ -325,8 +326,7 @@ class Transformer(nn.Module):
         names = ["model.safetensors"] if len(shards) == 1 else \
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
-            save_file(shard, str(path / f".{name}.tmp"), metadata={"format": "pt"})
-            os.replace(path / f".{name}.tmp", path / name)
+            save_tensors(shard, path / name, metadata={"format": "pt"})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
                      "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
@@ -352,8 +352,28 @@ def read_json(path) -> dict:
 def atomic_write(path, data: bytes):
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:  # no stray temporary file: the old file, if any, is left as it was
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(tensors, path, metadata=None):
+    """A safetensors file written atomically (a temporary name, then renamed; removed on failure), with the
+    user's umask: safetensors itself writes mode 0600, which colleagues on a shared cluster cannot read."""
+    from safetensors.torch import save_file
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path, obj):
@@ -365,7 +385,10 @@ def load_safetensors(path: Path) -> dict:
     from safetensors import safe_open
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(read_json(index)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map") if isinstance(read_json(index), dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: no 'weight_map' object of tensor name -> file name")
+        files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:

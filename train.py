@@ -24,6 +24,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import lora
 from batches import tokenize
 from checkpoint import (RESUME_MAY_CHANGE, Checkpoints, Stopped, check_resume, read_checkpoint, restore, snapshot)
 from distributed import DDP, setup_distributed, shard, world_size
-from eval import evaluate, make_judge, print_details, print_table, task_metric
+from eval import check_device, evaluate, make_judge, print_details, print_table, task_metric
 from loop import fit, n_steps
 from methods import METHODS, inner_choices, make
 from model import Transformer, write_json
@@ -95,11 +96,20 @@ def get_args(argv=None):
     p.add_argument("--stop-after", type=int, help="stop after N optimizer steps of the run (all tasks), as on SIGTERM")
     add_method_args(p, argv)
     args = p.parse_args(argv)
-    for flag in ("n_train", "n_test", "batch_size", "grad_accum", "max_len", "lora_rank"):
-        if getattr(args, flag) <= 0:
+    for flag in ("n_train", "n_test", "batch_size", "grad_accum", "max_len", "lora_rank", "epochs", "lora_alpha",
+                 "max_new_tokens", "eval_batch_size"):
+        if not getattr(args, flag) > 0:  # also NaN
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if not 0 <= args.poison_ratio <= 1:
-        p.error(f"--poison-ratio must be in [0, 1], got {args.poison_ratio}")
+    for flag in ("poison_ratio", "warmup"):
+        if not 0 <= getattr(args, flag) <= 1:
+            p.error(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
+    if not args.lr >= 0:
+        p.error(f"--lr must be >= 0, got {args.lr}")
+    if not 0 <= args.lora_dropout < 1:
+        p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    for flag in ("task", "harmful", "lora_targets"):
+        if "" in (v.strip() for v in getattr(args, flag).split(",")):
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: an empty name in the list")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
     args.out = args.out or f"out/{args.method}-{args.scenario}-s{args.seed}"
@@ -133,9 +143,6 @@ def run(args):
     check_processes(args)
     method = make(args.method, args)
     saved, saved_tensors = read_checkpoint(ckpt_dir) if args.resume else (None, None)
-    if not args.resume and rank == 0:  # --overwrite: the old run goes now, so a stopped new run never sits beside old results
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        (out / "results.json").unlink(missing_ok=True)
     t_start = time.time()
 
     # the starting model: the provider's aligned model (built on the first run) or --model
@@ -190,6 +197,9 @@ def run(args):
         if dist.is_initialized() and not args.fsdp else model
 
     # the task loop: each task trained with the method, then safety and every task seen so far evaluated
+    if not args.resume and rank == 0:  # --overwrite: every input checked, the old run goes before the new one trains
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (out / "results.json").unlink(missing_ok=True)
     history, train_seconds, steps_before = ([], 0.0, 0) if not saved else \
         (saved["history"], saved["train_seconds"], saved["steps_before"])  # steps_before: the finished tasks' steps
     ckpt = Checkpoints(ckpt_dir, args.ckpt_every, args.stop_after, rank, args.device, config=config, data_hashes=hashes) \
@@ -257,12 +267,20 @@ def check_flags(args, out, ckpt_dir):
         raise ValueError("--stop-after N needs N > 0 and checkpoints (--ckpt-every > 0)")
     if not args.resume and (ckpt_dir / "manifest.json").exists() and not args.overwrite:
         raise ValueError(f"--out {out}: holds a stopped run ({ckpt_dir}); pass --resume to continue it or --overwrite to start over")
+    check_device(args.device)
+    check_writable(out, "--out")
+
+
+def check_writable(out, flag):
+    """--out must be a directory this user can write, found now rather than after hours of training."""
     try:
-        kind = torch.device(args.device).type
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available to this torch ({torch.__version__})")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except FileExistsError:
+        raise ValueError(f"{flag} {out}: exists and is not a directory") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {out}: cannot write there ({e.strerror})") from None
 
 
 def check_processes(args):

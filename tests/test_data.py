@@ -395,3 +395,12 @@ def test_fuzz_any_file_loads_or_raises_data_error(file, stem):
                 continue
             if isinstance(out, list):
                 assert out and all(isinstance(r["prompt"], str) and r["prompt"] for r in out)
+
+
+def test_a_csv_with_an_unknown_header_is_an_error_not_hexphi(tmp_path):
+    """A header row of field names is not a HEx-PHI prompt (it used to become one)."""
+    (tmp_path / "x.csv").write_text("question,topic\nHow do I do a thing?,misc\n")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'x.csv'}:1: unknown header")):
+        data.load_prompts(str(tmp_path / "x.csv"))
+    (tmp_path / "y.csv").write_text("How do I do a thing?\nAnd another one?\n")  # a HEx-PHI category file
+    assert [p["prompt"] for p in data.load_prompts(str(tmp_path / "y.csv"))] == ["How do I do a thing?", "And another one?"]

@@ -142,6 +142,16 @@ def test_eval_prompt_longer_than_the_models_context(tiny_checkpoint, tmp_path):
     (["--scenario", "nope"], "error: argument --scenario: invalid choice"),
     (["--batch-size", "0"], "error: --batch-size must be positive"),
     (["--lr", "fast"], "error: argument --lr: invalid float value"),
+    (["--epochs", "0"], "error: --epochs must be positive, got 0.0"),  # used to train one step and "finish"
+    (["--epochs=-1"], "error: --epochs must be positive"),
+    (["--lora-alpha", "0"], "error: --lora-alpha must be positive"),  # an adapter that changes nothing
+    (["--lr=-1e-3"], "error: --lr must be >= 0, got -0.001"),
+    (["--eval-batch-size", "0"], "error: --eval-batch-size must be positive"),
+    (["--max-new-tokens", "0"], "error: --max-new-tokens must be positive"),
+    (["--lora-dropout", "1.5"], "error: --lora-dropout must be in [0, 1), got 1.5"),
+    (["--warmup", "2"], "error: --warmup must be in [0, 1]"),
+    (["--harmful", ""], "error: --harmful '': an empty name in the list"),  # used to read every CSV of the directory
+    (["--task", "arithmetic,"], "error: --task 'arithmetic,': an empty name in the list"),
 ])
 def test_bad_flag_is_a_usage_error(tiny_checkpoint, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -227,3 +237,129 @@ def test_resume_after_the_data_changed(tiny_checkpoint, tmp_path):
     with open(harmful, "a") as f:
         f.write("Another prompt,Sure\n")
     assert "--resume: the data files changed" in resume_error(tiny_checkpoint, out, "--harmful", str(harmful))
+
+
+# ---- nothing lost, found before the work ----------------------------------------------------------------
+def test_an_unwritable_out_is_found_before_any_work(tiny_checkpoint, tmp_path):
+    (tmp_path / "out").write_text("")
+    assert f"--out {tmp_path / 'out'}: exists and is not a directory" in train_error(tiny_checkpoint, tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anywhere: nothing to test
+            pytest.skip("this user can write a read-only directory")
+        assert f"--out {locked / 'out'}: cannot write there" in train_error(tiny_checkpoint, locked)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_overwrite_with_a_bad_task_keeps_the_finished_run(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    assert "nope.jsonl: no such file" in train_error(tiny_checkpoint, tmp_path, "--overwrite", "--task", str(tmp_path / "nope.jsonl"))
+    assert (out / "results.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--n-task", "0"], "--n-task must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+])
+def test_eval_bad_flag_value(tiny_checkpoint, flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate_cli.main(["--model", str(tiny_checkpoint), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_out_a_directory_is_an_error_before_the_work(tiny_checkpoint, tmp_path):
+    assert f"--out {tmp_path}: a directory; give a file path" in eval_error(tiny_checkpoint, "--out", str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_eval_cuda_without_a_gpu(tiny_checkpoint):
+    assert "--device cuda: no CUDA device is available" in eval_error(tiny_checkpoint, "--device", "cuda")
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    from model import write_json
+    (tmp_path / "a").mkdir()
+    with pytest.raises(OSError):
+        write_json(tmp_path / "a", {"x": 1})  # a directory is in the way
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(alpha_pattern={"q_proj": 32}), "alpha_pattern (per-layer LoRA settings) is not supported"),
+    (dict(rank_pattern={"v_proj": 2}), "rank_pattern (per-layer LoRA settings) is not supported"),
+    (dict(r=None), "field 'r' is missing or not a valid positive integer"),
+    (dict(target_modules=["nope"]), "target_modules ['nope']: no linear layer"),
+])
+def test_eval_adapter_config_that_we_cannot_honour(tiny_checkpoint, tmp_path, change, message):
+    import lora
+    model = lora.apply_lora(Transformer.from_pretrained(tiny_checkpoint), rank=4, alpha=8)
+    lora.save_adapter(model, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    cfg = {k: v for k, v in {**cfg, **change}.items() if v is not None}
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert message in eval_error(tiny_checkpoint, "--adapter", str(tmp_path / "ad"))
+
+
+def test_integer_weights_and_an_index_without_weight_map(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(ckpt / "model.safetensors"))
+    name = next(iter(sd))
+    save_file({**sd, name: sd[name].to(torch.int32)}, str(ckpt / "model.safetensors"))
+    assert f"tensor {name!r} is int32, not floating point" in train_error(ckpt, tmp_path)
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    assert "model.safetensors.index.json: no 'weight_map'" in train_error(ckpt, tmp_path)
+
+
+def test_saved_tensors_follow_the_umask(tiny_checkpoint, tmp_path):
+    import lora
+    old = os.umask(0o022)
+    try:
+        model = lora.apply_lora(Transformer.from_pretrained(tiny_checkpoint), rank=4, alpha=8)
+        lora.save_adapter(model, tmp_path / "ad")
+        model.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "ad" / "adapter_model.safetensors", tmp_path / "m" / "model.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(step=10 ** 6), "the checkpoint is at step 1000000 of task 1/1"),  # used to "finish" without training
+    (dict(step="3"), "field 'step' is '3', not what train.py writes there"),
+    (dict(task=-1), "field 'task' is -1"),
+    (dict(history={}), "field 'history' is {}"),
+    (dict(tensors="../x"), "field 'tensors' must name a file in"),
+])
+def test_resume_from_a_manifest_with_a_bad_field(tiny_checkpoint, tmp_path, stopped, change, message):
+    out = moved(stopped, tmp_path / "out")
+    manifest = out / "ckpt" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), **change}))
+    assert message in resume_error(tiny_checkpoint, out)
+
+
+def moved(stopped, out):
+    """A copy of the stopped run whose config names its new --out, so that --resume there is valid."""
+    shutil.copytree(stopped, out)
+    meta = json.loads((out / "ckpt" / "manifest.json").read_text())
+    (out / "ckpt" / "manifest.json").write_text(json.dumps({**meta, "config": {**meta["config"], "out": str(out)}}))
+    return out
+
+
+def test_resume_from_tensors_of_another_run(tiny_checkpoint, tmp_path, stopped):
+    from safetensors.torch import load_file, save_file
+    out = moved(stopped, tmp_path / "out")
+    f = out / "ckpt" / json.loads((out / "ckpt" / "manifest.json").read_text())["tensors"]
+    save_file({k: v for k, v in load_file(str(f)).items() if "lora_A" not in k}, str(f))
+    assert "the checkpoint's tensors lack" in resume_error(tiny_checkpoint, out)
+
+
+def test_eval_out_in_a_new_folder_is_made(tiny_checkpoint, tmp_path):
+    evaluate_cli.main(["--model", str(tiny_checkpoint), "--harmful", os.path.join(FIX, "advbench.csv"), "--sensitive", "",
+                       "--task", "", "--max-new-tokens", "2", "--out", str(tmp_path / "new" / "res.json")])
+    assert (tmp_path / "new" / "res.json").exists()

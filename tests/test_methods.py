@@ -589,3 +589,13 @@ def test_magmax_without_base_model_is_one_line_error(tiny_checkpoint, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--model", str(tiny_checkpoint), "--method", "magmax", "--out", str(tmp_path / "o"), *FAST])
     assert "--base-model" in str(e.value.code)
+
+
+def test_magmax_cli_errors_are_one_line(tiny_checkpoint, tiny_base, tmp_path):
+    for argv, message in ((["--adapter", str(tmp_path / "nope")], "adapter_config.json: not found"),
+                          (["--adapter", str(tmp_path / "ad"), "--base-model", str(tmp_path)], "no model.safetensors")):
+        model = lora.apply_lora(Transformer.from_pretrained(tiny_checkpoint), rank=4, alpha=8)
+        lora.save_adapter(model, tmp_path / "ad")
+        with pytest.raises(SystemExit) as e:
+            magmax.main(["--model", str(tiny_checkpoint), "--base-model", str(tiny_base), "--out", str(tmp_path / "m"), *argv])
+        assert str(e.value.code).startswith("error: ") and message in str(e.value.code) and "\n" not in str(e.value.code)

@@ -19,6 +19,7 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(sliding_window=None, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "gemma": ("GemmaConfig", dict(head_dim=32, num_attention_heads=4, num_key_value_heads=1)),
+    "llama-exact-gelu": ("LlamaConfig", dict(hidden_act="gelu")),  # transformers' "gelu" is exact, not tanh
 }
 
 
