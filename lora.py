@@ -79,6 +79,7 @@ def apply_lora(model: nn.Module, rank=8, alpha=16, dropout=0.0, targets=("q_proj
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, alpha, dropout))
             found.append(name)
+    model.train(model.training)  # the new layers (their dropout) in the model's mode: eval stays eval
     if not found:
         raise ValueError(f"--lora-targets {','.join(targets)}: no linear layer of the model has that name")
     model.lora_config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(set(targets)))
@@ -152,9 +153,14 @@ def load_adapter(model, path):
             raise ValueError(f"{where}: field {k!r} is missing or not a valid {'positive integer' if k == 'r' else 'value'}")
     targets = cfg["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{where}: target_modules must be module names, got {targets!r}")
+    dropout = cfg.get("lora_dropout") or 0.0
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"{where}: lora_dropout must be a number in [0, 1), got {cfg['lora_dropout']!r}")
     if not lora_layers(model):
         try:
-            apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout") or 0.0, tuple(targets))
+            apply_lora(model, cfg["r"], cfg["lora_alpha"], dropout, tuple(targets))
         except ValueError:
             raise ValueError(f"{where}: target_modules {targets}: no linear layer of the model has that name") from None
     f = path / "adapter_model.safetensors"

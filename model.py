@@ -50,38 +50,66 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
         """Build from a Hugging Face config.json dict; unsupported settings are errors, not silent differences."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"{where}: not a JSON object")
         mt = hf.get("model_type")
         if mt not in SUPPORTED:
             raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
-        try:
-            n_heads, dim = hf["num_attention_heads"], hf["hidden_size"]
-            cfg = cls(vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-                      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                      head_dim=hf.get("head_dim") or dim // n_heads, intermediate_size=hf["intermediate_size"],
-                      norm_eps=hf.get("rms_norm_eps", 1e-6), max_seq_len=hf.get("max_position_embeddings", 4096),
-                      tie_embeddings=hf.get("tie_word_embeddings", mt == "gemma"), gemma=mt == "gemma", hf=hf)
-        except KeyError as e:
-            raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
+        get = lambda name, kind=int, default=REQUIRED, null=False: _field(hf, name, kind, default, where, null)  # noqa: E731
+        n_heads, dim = get("num_attention_heads"), get("hidden_size")
+        cfg = cls(vocab_size=get("vocab_size"), dim=dim, n_layers=get("num_hidden_layers"), n_heads=n_heads,
+                  n_kv_heads=get("num_key_value_heads", int, n_heads, null=True),
+                  head_dim=get("head_dim", int, dim // n_heads, null=True),
+                  intermediate_size=get("intermediate_size"), norm_eps=get("rms_norm_eps", float, 1e-6),
+                  max_seq_len=get("max_position_embeddings", int, 4096),
+                  tie_embeddings=get("tie_word_embeddings", bool, mt == "gemma"), gemma=mt == "gemma", hf=hf)
         if n_heads % cfg.n_kv_heads:
             raise ValueError(f"{where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {cfg.n_kv_heads}")
         # transformers >= 5 writes rope_parameters (with rope_theta inside); older files rope_scaling + rope_theta
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        cfg.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{where}: rope_scaling must be an object, got {rope!r}")
+        cfg.rope_theta = _field(rope, "rope_theta", float, get("rope_theta", float, 10000.0), where)
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "linear", "llama3"):
             raise ValueError(f"{where}: rope scaling type {kind!r} is not supported (default, linear, llama3)")
+        for name in {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}.get(kind, []):
+            _field(rope, name, float, REQUIRED, f"{where}: rope_scaling")
+        if kind == "llama3":
+            _field(rope, "original_max_position_embeddings", int, REQUIRED, f"{where}: rope_scaling")
         cfg.rope_scaling = None if kind == "default" else {**rope, "rope_type": kind}
-        cfg.act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        cfg.act = get("hidden_activation", str, None, null=True) or get("hidden_act", str, "silu")
         if mt == "gemma" and cfg.act == "gelu":  # HF Gemma uses the tanh approximation whatever "gelu" says
             cfg.act = "gelu_pytorch_tanh"
         if cfg.act not in ACTIVATIONS:
             raise ValueError(f"{where}: hidden_act {cfg.act!r} is not supported ({', '.join(ACTIVATIONS)})")
-        bias = bool(hf.get("attention_bias", False))
+        bias = get("attention_bias", bool, False)
         cfg.qkv_bias, cfg.o_bias = bias or mt == "qwen2", bias
-        cfg.mlp_bias = bool(hf.get("mlp_bias", False))
-        if mt == "mistral" or (mt == "qwen2" and hf.get("use_sliding_window")):
-            cfg.sliding_window = hf.get("sliding_window")
+        cfg.mlp_bias = get("mlp_bias", bool, False)
+        if mt == "mistral" or (mt == "qwen2" and get("use_sliding_window", bool, False)):
+            cfg.sliding_window = get("sliding_window", int, None, null=True)
         return cfg
+
+
+REQUIRED = object()
+
+
+def _field(d, name, kind, default, where, null=False):
+    """d[name] checked: an int or float must be positive, a bool a bool, a str a str. Absent is the default, and
+    so is null where transformers reads null so (null=True: num_key_value_heads, head_dim, ...); else an error."""
+    v = d.get(name)
+    if name in d and v is None and not null:
+        raise ValueError(f"{where}: field {name!r} is null")
+    if v is None:
+        if default is REQUIRED:
+            raise ValueError(f"{where}: missing field {name!r}")
+        return default
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)) or (kind in (int, float) and not v > 0):
+        want = {int: "a positive integer", float: "a positive number", bool: "true or false", str: "a string"}[kind]
+        raise ValueError(f"{where}: field {name!r} must be {want}, got {v!r}")
+    return v
 
 
 class RMSNorm(nn.Module):
