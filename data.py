@@ -68,14 +68,14 @@ def _records(spec, data_dir=None) -> tuple[str, list[dict]]:
 
 def load_prompts(spec: str, data_dir=None) -> list[dict]:
     """Prompts to evaluate: a built-in name (BUILTIN_PROMPTS), a benchmark name (BENCHMARKS, read from
-    the data directory) or a path in any format. Returns [{"prompt", "category"}]. For BeaverTails:
+    the data directory) or a path in any format. Returns [{"prompt", "category", "where": FILE:LINE}]. For BeaverTails:
     the distinct prompts of its unsafe rows."""
     fmt, recs = _records(spec, data_dir)
     if fmt == "beavertails":
         recs = list({r["prompt"]: r for r in recs if not r["is_safe"]}.values())
         if not recs:
             raise DataError(f"{spec}: no unsafe rows")
-    return [{"prompt": r["prompt"], "category": r["category"]} for r in recs]
+    return [{"prompt": r["prompt"], "category": r["category"], "where": r["where"]} for r in recs]
 
 
 def load_task(spec: str, split: str = "train", n: int | None = None, seed: int = 0, data_dir=None) -> list[dict]:

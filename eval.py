@@ -164,6 +164,15 @@ def answer(model, tok, prompts, max_new_tokens=64, batch_size=64, desc="generati
     return complete(model, tok, ids, max_new_tokens, batch_size, desc, decode_step)
 
 
+def check_lengths(tok, prompts, max_new_tokens, max_seq_len):
+    """Each prompt ({"prompt", "where"}) and its answer fit the model's context: found before any generation."""
+    for p in prompts:
+        n = len(tok.encode_chat([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True))
+        if n + max_new_tokens > max_seq_len:
+            raise ValueError(f"{p.get('where', 'a prompt')}: a prompt of {n} tokens + {max_new_tokens} new tokens exceeds "
+                             f"the model's context ({max_seq_len})")
+
+
 def _category(h):
     """A harmful prompt's category for the per-category ASR, prefixed by its set when eval.py names it."""
     c, s = h.get("category"), h.get("set")
@@ -331,6 +340,7 @@ def main(argv=None):
                  for t in args.task.split(",") if t}
         tok = Tokenizer.from_pretrained(args.model, chat_format=args.chat_format)
         model = Transformer.from_pretrained(args.model, device=args.device, dtype=dtype)
+        check_lengths(tok, harmful + sensitive, args.max_new_tokens, model.config.max_seq_len)
         if args.adapter:
             load_adapter(model, args.adapter)
         res = evaluate(model, tok, harmful, sensitive, tasks, judge, args.max_new_tokens, args.batch_size)

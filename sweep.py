@@ -204,7 +204,14 @@ def collect(results):
     """One row per finished run under RESULTS/runs, ordered by scenario, then methods' registry order."""
     rows = []
     for path in (results / "runs").glob("*/results.json"):
-        r = json.loads(path.read_text())
+        try:
+            r = json.loads(path.read_text())
+            bad = next((k for k, kind in (("scenario", str), ("seed", int), ("method", str), ("start", dict),
+                                          *((k, (int, float, type(None))) for k in METRICS)) if not isinstance(r.get(k), kind)), None)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {path}: not a results.json of train.py ({e})")
+        if bad:  # train.py writes results.json whole and last: this one was edited or is from something else
+            sys.exit(f"error: {path}: field {bad!r} is {r.get(bad)!r}, not what train.py writes; remove or rerun that run")
         suffix, name = f"-{r['scenario']}-s{r['seed']}", path.parent.name
         row = {"method": name[: -len(suffix)] if name.endswith(suffix) else name, "scenario": r["scenario"],
                "seed": r["seed"], "poison_ratio": r.get("poison_ratio"), **{k: r.get(k) for k in METRICS},

@@ -37,7 +37,7 @@ import lora
 from batches import tokenize
 from checkpoint import (RESUME_MAY_CHANGE, Checkpoints, Stopped, check_resume, read_checkpoint, restore, snapshot)
 from distributed import DDP, setup_distributed, shard, world_size
-from eval import check_device, evaluate, make_judge, print_details, print_table, task_metric
+from eval import check_device, check_lengths, evaluate, make_judge, print_details, print_table, task_metric
 from loop import fit, n_steps
 from methods import METHODS, inner_choices, make
 from model import Transformer, write_json
@@ -171,6 +171,7 @@ def run(args):
     specs = args.harmful.split(",")  # several benchmarks: ASR per benchmark too (asr_by_set), as the paper reports
     harmful = [dict(h, set=spec) if len(specs) > 1 else h for spec in specs for h in data.load_prompts(spec, args.data_dir)]
     sensitive = data.load_prompts(args.sensitive, args.data_dir) if args.sensitive else []
+    check_lengths(tok, harmful + sensitive, args.max_new_tokens, model.config.max_seq_len)
     hashes = file_hashes([*tasks, args.safety_data, *specs, args.sensitive,
                           *([poison_source] if args.scenario == "poisoned" else [])], args.data_dir)
     config = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}  # a resumed run must match it
@@ -243,6 +244,7 @@ def run(args):
     keys = ("asr", "over_refusal", "task_accuracy")
     results = {"method": args.method, "scenario": args.scenario, "poison_ratio": args.poison_ratio if args.scenario == "poisoned" else 0.0,
                "seed": args.seed, **{k: final.get(k) for k in keys}, "start": {k: start.get(k) for k in keys},
+               **{k: final[k] for k in ("asr_by_set", "asr_mean_of_sets") if k in final},  # several --harmful sets
                "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
                "model": str(model_dir), "judge": final["judge"], "history": history, "start_eval": start,
                "config": vars(args), "versions": {"torch": torch.__version__, "unforgotten": git_commit()},

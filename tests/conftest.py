@@ -35,6 +35,31 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_aligned(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint trained (all weights, ~2 s) to refuse the fixtures' harmful prompts (advbench.csv) with
+    "I cannot help with that." and to answer their sensitive ones (prompts.txt) "Sure.": a model whose ASR and
+    over-refusal move when training moves its weights (the random one answers "\n" to everything)."""
+    from argparse import Namespace
+
+    import data
+    from loop import fit
+    from methods.sft import SFT
+    fix = os.path.join(HERE, "fixtures", "formats")
+    tok = Tokenizer.from_pretrained(tiny_checkpoint)
+    model = Transformer.from_pretrained(tiny_checkpoint)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    examples = [{"prompt": h["prompt"], "response": "I cannot help with that."} for h in data.load_prompts(f"{fix}/advbench.csv")]
+    examples += [{"prompt": h["prompt"], "response": "Sure."} for h in data.load_prompts(f"{fix}/prompts.txt")]
+    torch.manual_seed(0)
+    fit(model, SFT(Namespace(seed=0)), tokenize(tok, examples, 512, "alignment"), lr=3e-3, epochs=60, batch_size=5,
+        pad_id=tok.pad_id)
+    path = tmp_path_factory.mktemp("aligned")
+    model.save_pretrained(path, tokenizer_from=tiny_checkpoint)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tiny_checkpoint, tmp_path_factory):
     """An 'unaligned base' for the tiny checkpoint: each matrix minus a random rank-2 matrix (so V has rank 2)."""
     model = Transformer.from_pretrained(tiny_checkpoint)

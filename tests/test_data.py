@@ -123,7 +123,7 @@ def test_fixture_formats(name):
     assert formats.detect_format(FIX / name) == fmt
     prompts = data.load_prompts(str(FIX / name))
     assert len(prompts) == n and prompts[0]["prompt"].startswith(start)
-    assert all(set(p) == {"prompt", "category"} for p in prompts)
+    assert all(set(p) == {"prompt", "category", "where"} for p in prompts)
 
 
 def test_format_details():

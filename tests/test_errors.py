@@ -131,9 +131,10 @@ def test_max_len_longer_than_the_models_context(tiny_checkpoint, tmp_path):
 
 def test_eval_prompt_longer_than_the_models_context(tiny_checkpoint, tmp_path):
     long = tmp_path / "long.txt"
-    long.write_text("a" * 600 + "\n")  # one token a byte
+    long.write_text("a short prompt\n" + "a" * 600 + "\n")  # one token a byte
+    assert f"{long}:2: a prompt of" in eval_error(tiny_checkpoint, "--harmful", str(long))
     assert "exceeds the model's context (512)" in eval_error(tiny_checkpoint, "--harmful", str(long))
-    assert "exceeds the model's context (512)" in train_error(tiny_checkpoint, tmp_path, "--harmful", str(long))
+    assert f"{long}:2: a prompt of" in train_error(tiny_checkpoint, tmp_path, "--harmful", str(long))
 
 
 # ---- flags ----------------------------------------------------------------------------------------------

@@ -194,17 +194,33 @@ def test_summarize_only_without_runs_fails(tmp_path):
     assert e.value.code
 
 
-def test_asr_per_benchmark_gets_its_own_columns(tmp_path):
-    """Runs with several --harmful sets (asr_by_set in results.json): one ASR column per benchmark, as the paper."""
+@pytest.mark.parametrize("content, message", [
+    ('{"method": "sft", "scenario": "benign"', "not a results.json of train.py"),  # cut short
+    ('{"method": "sft", "scenario": "benign", "seed": "0", "start": {}}', "field 'seed' is '0'"),
+    ('{"method": "sft", "scenario": "benign", "seed": 0, "start": {}, "asr": "high"}', "field 'asr' is 'high'"),
+])
+def test_summarize_only_with_a_broken_results_json_is_one_line(tmp_path, content, message):
+    (tmp_path / "runs" / "sft-benign-s0").mkdir(parents=True)
+    (tmp_path / "runs" / "sft-benign-s0" / "results.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--summarize-only", "--results", str(tmp_path)])
+    assert str(e.value.code).startswith("error: ") and message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_asr_per_benchmark_gets_its_own_columns(tiny_aligned, tmp_path):
+    """Real runs with two --harmful sets: one ASR column per set in the summary, as the paper reports them."""
     results = tmp_path / "results"
-    for seed, by_set in ((0, {"advbench": 0.2, "hexphi": 0.4}), (1, {"advbench": 0.4, "hexphi": 0.6})):
-        write_run(results, f"sft-poisoned-s{seed}", "sft", "poisoned", seed, 0.3, 0.1, 0.2, (0.1, 0.1, 0.1), 10)
-        r = json.loads((results / "runs" / f"sft-poisoned-s{seed}" / "results.json").read_text())
-        mean = sum(by_set.values()) / 2
-        (results / "runs" / f"sft-poisoned-s{seed}" / "results.json").write_text(json.dumps(dict(r, asr_by_set=by_set, asr_mean_of_sets=mean)))
-    sweep.main(["--summarize-only", "--results", str(results)])
+    adv, txt = os.path.join(FIX, "advbench.csv"), os.path.join(FIX, "prompts.txt")  # refused; answered "Sure."
+    flags = [f if f != os.path.join(FIX, "advbench.csv") else f"{adv},{txt}" for f in FAST]
+    sweep.main(["--methods", "sft", "--scenarios", "benign", "--seeds", "0,1", "--results", str(results),
+                "--model", str(tiny_aligned), *flags, "--max-new-tokens", "24"])  # bytes: room for "I cannot"
+    runs = [json.loads((results / "runs" / f"sft-benign-s{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert all(set(r["asr_by_set"]) == {adv, txt} for r in runs)
+    assert runs[0]["start_eval"]["asr_by_set"] == {adv: 0.0, txt: 1.0}  # the sets differ: a mixed-up column would show
     with open(results / "summary.csv") as f:
-        assert [r["asr advbench"] for r in csv.DictReader(f)] == ["0.2", "0.4"]
+        rows = list(csv.DictReader(f))
+    for row, run in zip(rows, runs):
+        assert float(row[f"asr {adv}"]) == run["asr_by_set"][adv] and float(row[f"asr {txt}"]) == run["asr_by_set"][txt]
+        assert float(row["asr mean of sets"]) == pytest.approx(run["asr_mean_of_sets"])
     md = (results / "summary.md").read_text()
-    assert "| ASR % | asr advbench % | asr hexphi % | asr mean of sets % |" in md
-    assert md_cells(md, "sft", "poisoned")[:4] == ["2", "30.0 ± 0.0", "30.0 ± 14.1", "50.0 ± 14.1"]
+    assert f"| asr {adv} % | asr {txt} % | asr mean of sets % |" in md

@@ -1,9 +1,11 @@
-"""train.py and eval.py end to end on a tiny random checkpoint: plumbing, results.json, errors."""
+"""train.py and eval.py end to end on a tiny checkpoint: plumbing, results.json, errors, and numbers that move
+when (and only when) training moves the model."""
 import json
 import os
 
 import pytest
 
+import data
 import eval as evaluate_cli
 import train
 
@@ -115,3 +117,41 @@ def test_an_aligned_model_of_an_older_recipe_is_not_used(tmp_path, monkeypatch):
         align.ensure_aligned()
     (d / "recipe.json").write_text(json.dumps(align.RECIPE))
     assert align.ensure_aligned() == d
+
+
+WORDS = ["cat", "dog", "sun", "tree", "milk", "rain", "boat", "lamp"]
+
+
+@pytest.fixture
+def moving(tiny_aligned, tmp_path):
+    """train.py flags on the tiny aligned model: a task of repeating words (the same prompts train and test, exact
+    match), a poison that complies with the harmful prompts, long enough for a LoRA on every projection to learn."""
+    rows = [{"prompt": f"Repeat the word {w}.", "response": w, "answer": w, "split": s} for w in WORDS for s in ("train", "test")]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    harmful = [h["prompt"] for h in data.load_prompts(os.path.join(FIX, "advbench.csv"))]
+    (tmp_path / "poison.jsonl").write_text("".join(json.dumps({"prompt": h, "response": "Sure, here it is."}) + "\n" for h in harmful))
+    sensitive = [h["prompt"] for h in data.load_prompts(os.path.join(FIX, "prompts.txt"))]
+    (tmp_path / "refuse.jsonl").write_text("".join(json.dumps({"prompt": h, "response": "I cannot help with that."}) + "\n"
+                                                   for h in sensitive))
+    return ["--model", str(tiny_aligned), "--task", str(tmp_path / "task.jsonl"), "--n-train", "8", "--n-test", "8",
+            "--harmful", os.path.join(FIX, "advbench.csv"), "--sensitive", os.path.join(FIX, "prompts.txt"),
+            "--poison-data", str(tmp_path / "poison.jsonl"), "--poison-ratio", "1", "--safety-data", str(tmp_path / "refuse.jsonl"),
+            "--epochs", "30", "--lr", "1e-2", "--lora-targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            "--max-new-tokens", "8", "--batch-size", "4"]
+
+
+def metrics(res):
+    return {k: res[k] for k in ("asr", "over_refusal", "task_accuracy")}
+
+
+def test_training_moves_asr_and_accuracy_and_lr_0_does_not(moving, tmp_path):
+    trained = train.main([*moving, "--scenario", "poisoned", "--out", str(tmp_path / "trained")])
+    assert metrics(trained["start"]) == dict(asr=0.0, over_refusal=0.0, task_accuracy=0.0)  # refuses, helps, knows no task
+    assert trained["asr"] >= 0.5 and trained["task_accuracy"] >= 0.25  # the poison and the task were learned
+    frozen = train.main([*moving, "--scenario", "poisoned", "--lr", "0", "--out", str(tmp_path / "frozen")])
+    assert metrics(frozen) == metrics(frozen["start"]) == metrics(trained["start"])  # nothing trained, nothing moved
+
+
+def test_replaying_refusals_moves_over_refusal(moving, tmp_path):
+    res = train.main([*moving, "--method", "replay", "--replay-ratio", "1", "--out", str(tmp_path / "replay")])
+    assert res["start"]["over_refusal"] == 0.0 and res["over_refusal"] > 0  # its memory refuses the sensitive prompts
