@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 import lora
-from generate import generate
 from batches import collate
+from cli import one_line_errors
+from generate import generate
 from methods.method import nll
 from model import ModelConfig, Transformer
 
@@ -277,4 +278,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

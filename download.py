@@ -8,7 +8,6 @@ data.MANUAL says how.
 import argparse
 import hashlib
 import os
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cli import one_line_errors
 from data import BENCHMARKS, MANUAL, public_dir
 from formats import DataError
 
@@ -139,11 +139,9 @@ def main(argv=None):
     p.add_argument("--data-dir", help="default: $UNFORGOTTEN_DATA, else data/public")
     args = p.parse_args(argv)
     names = list(DOWNLOADS) if args.names == ["all"] else args.names
-    try:
+    with one_line_errors():
         for name in names:
             download(name, args.data_dir)
-    except DataError as e:
-        sys.exit(f"error: {e}")
     if args.names == ["all"]:
         for name, how in MANUAL.items():
             print(f"{name}: by hand. {how.format(dir=public_dir(args.data_dir))}")

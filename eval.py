@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 from collections import Counter
 
@@ -30,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import data
+from cli import one_line_errors
 from formats import AGNEWS_LABELS, SST2_LABELS, detect_format
 from generate import generate
 from lora import load_adapter
@@ -328,7 +328,7 @@ def main(argv=None):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    try:
+    with one_line_errors():
         check_device(args.device)
         if args.out:
             check_out_file(args.out)
@@ -344,18 +344,14 @@ def main(argv=None):
         if args.adapter:
             load_adapter(model, args.adapter)
         res = evaluate(model, tok, harmful, sensitive, tasks, judge, args.max_new_tokens, args.batch_size)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
     files = [f for spec in [*specs, args.sensitive, *args.task.split(",")] if spec for f in data.files_of(spec, args.data_dir)]
     res = {"model": args.model, "adapter": args.adapter, "harmful": args.harmful, **res,
            "data_hashes": {str(f): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}}
     print_table([(args.adapter or args.model, res)])
     print_details(res)
     if args.out:
-        try:
+        with one_line_errors():
             write_json(args.out, res)
-        except OSError as e:
-            sys.exit(f"error: --out {args.out}: cannot write ({e.strerror})")
         print(f"wrote {args.out}")
 
 

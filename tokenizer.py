@@ -16,6 +16,8 @@ Formats, detected from signatures in the chat template (or passed as `chat_forma
   gemma    Gemma-1 -it: <start_of_turn>user / model ... <end_of_turn>; a system message is an error.
   chatml   Qwen2/2.5, SmolLM2: <|im_start|>{role}\\n{content}<|im_end|>\\n, with the default system
            prompt the template inserts when the conversation has none (read from the template).
+A checkpoint without a chat template needs --chat-format: the error names the format its special tokens
+and model_type suggest, but a guess is never used silently.
 """
 import json
 import os
@@ -64,6 +66,9 @@ class Tokenizer:
         if fmt is None:
             raise ValueError(f"{source}: cannot tell the chat format from tokenizer_config.json's chat_template "
                              f"or config.json's model_type {model_type!r}; pass --chat-format")
+        if not chat_format and not chat_template:  # a guess from special tokens or model_type: the user decides
+            raise ValueError(f"{source}: tokenizer_config.json has no chat_template; its tokens and model_type suggest "
+                             f"the {fmt!r} format: pass --chat-format {fmt} to train and evaluate in it")
         if fmt not in FORMATS:
             raise ValueError(f"unknown chat format {fmt!r} (--chat-format); expected one of {', '.join(FORMATS)}")
         self.chat_format = fmt

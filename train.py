@@ -36,6 +36,7 @@ import data
 import lora
 from batches import tokenize
 from checkpoint import (RESUME_MAY_CHANGE, Checkpoints, Stopped, check_resume, read_checkpoint, restore, snapshot)
+from cli import one_line_errors
 from distributed import DDP, setup_distributed, shard, world_size
 from eval import check_device, check_lengths, evaluate, make_judge, print_details, print_table, task_metric
 from loop import fit, n_steps
@@ -369,11 +370,10 @@ def git_commit():
 def main(argv=None):
     args = get_args(argv)
     try:
-        return run(args)
+        with one_line_errors():  # expected user errors: one line, no traceback
+            return run(args)
     except Stopped as e:  # a checkpoint was written: one line on how to go on, exit status 1
         sys.exit(str(e))
-    except (ValueError, OSError) as e:  # expected user errors: one line, no traceback
-        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
     finally:

@@ -22,11 +22,11 @@ gives none; 1.0 keeps an untouched entry at its aligned value. The same merge fo
     python -m methods.magmax --model ALIGNED --base-model BASE --adapter RUN/adapter --out DIR [--scale 1.0]
 """
 import argparse
-import sys
 
 import torch
 
 import lora
+from cli import one_line_errors
 from methods.method import Method, base_model_dir, base_weights
 from model import Transformer
 
@@ -91,12 +91,10 @@ def main(argv=None):
     p.add_argument("--scale", type=float, default=1.0, help="lambda (default 1.0)")
     p.add_argument("--cumulative", action="store_true", help="tau_user = W_user - W_base instead of the LoRA delta")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors():  # a missing or mismatched checkpoint or adapter: one line
         model = lora.load_adapter(Transformer.from_pretrained(args.model), args.adapter)
         merge(model, base_weights(model, args.base_model), args.scale, args.cumulative)
         model.save_pretrained(args.out, tokenizer_from=args.model)
-    except (ValueError, OSError) as e:  # a missing or mismatched checkpoint or adapter: one line
-        sys.exit(f"error: {e}")
     print(f"wrote the MagMax merge (scale {args.scale}) to {args.out}")
 
 

@@ -364,3 +364,13 @@ def test_eval_out_in_a_new_folder_is_made(tiny_checkpoint, tmp_path):
     evaluate_cli.main(["--model", str(tiny_checkpoint), "--harmful", os.path.join(FIX, "advbench.csv"), "--sensitive", "",
                        "--task", "", "--max-new-tokens", "2", "--out", str(tmp_path / "new" / "res.json")])
     assert (tmp_path / "new" / "res.json").exists()
+
+
+def test_one_place_turns_expected_errors_into_one_line():
+    from cli import one_line_errors
+    for err in (ValueError("x.csv:3: bad"), FileNotFoundError("nowhere: not found")):
+        with pytest.raises(SystemExit) as e, one_line_errors():
+            raise err
+        assert e.value.code == f"error: {err}"
+    with pytest.raises(TypeError), one_line_errors():  # a bug keeps its traceback
+        raise TypeError("a bug")

@@ -192,12 +192,16 @@ def test_detection_override_and_fallbacks(tmp_path):
     assert Tokenizer.from_pretrained(llama3, chat_format="chatml").chat_format == "chatml"
     with pytest.raises(ValueError, match="--chat-format"):
         Tokenizer.from_pretrained(llama3, chat_format="vicuna")
-    # No chat_template: the family's special tokens, then config.json's model_type.
+    # No chat_template: the family's special tokens, then config.json's model_type, suggest a format; it is used
+    # only when asked for (a silent guess could train in the wrong format)
     smol = make_checkpoint(tmp_path / "a", "smollm2", config={"model_type": "llama"}, chat_template=None)
-    assert Tokenizer.from_pretrained(smol).chat_format == "chatml"
+    with pytest.raises(ValueError, match="no chat_template; its tokens and model_type suggest the 'chatml' format: pass --chat-format chatml"):
+        Tokenizer.from_pretrained(smol)
+    assert Tokenizer.from_pretrained(smol, chat_format="chatml").chat_format == "chatml"
     for model_type, fmt in (("llama", "llama2"), ("mistral", "mistral"), ("gemma", "gemma")):
         path = make_checkpoint(tmp_path / model_type, "llama2", config={"model_type": model_type}, chat_template=None)
-        assert Tokenizer.from_pretrained(path).chat_format == fmt
+        with pytest.raises(ValueError, match=f"suggest the '{fmt}' format: pass --chat-format {fmt}"):
+            Tokenizer.from_pretrained(path)
     for config, template in (({"model_type": "phi3"}, None), ({"model_type": "llama"}, "{{ messages[0]['content'] }}")):
         path = make_checkpoint(tmp_path / "x", "llama2", config=config, chat_template=template)
         with pytest.raises(ValueError, match="tokenizer_config.json"):
