@@ -13,7 +13,7 @@ sensitive prompts (over-refusal) and the task (accuracy). OUT/results.json keeps
 the full config; OUT/adapter is the user's LoRA in PEFT layout.
 
 The file reads in the order of a run (nanoGPT's shape): flags; set-up (output, device, processes,
-the method); the model and its LoRA; the data; the task loop (loop.fit, the optimizer loop the
+the method); the data, read and checked before any model loads; the model and its LoRA; the task loop (loop.fit, the optimizer loop the
 provider's alignment uses too); results and saving. A method (methods/) supplies the loss and hooks.
 """
 import argparse
@@ -146,6 +146,18 @@ def run(args):
     saved, saved_tensors = read_checkpoint(ckpt_dir) if args.resume else (None, None)
     t_start = time.time()
 
+    # data, read and checked before any model loads: the user's task(s), the safety memory, the evaluation sets
+    tasks = args.task.split(",")
+    train_sets, test_sets = load_tasks(args, tasks)
+    safety = safety_memory(args)
+    specs = args.harmful.split(",")  # several benchmarks: ASR per benchmark too (asr_by_set), as the paper reports
+    harmful = [dict(h, set=spec) if len(specs) > 1 else h for spec in specs for h in data.load_prompts(spec, args.data_dir)]
+    sensitive = data.load_prompts(args.sensitive, args.data_dir) if args.sensitive else []
+    if args.scenario == "poisoned" and args.poison_data == "generated" and args.model:
+        raise ValueError("--poison-data generated needs the default model; give a file of harmful prompt/answer pairs")
+    if args.scenario == "poisoned" and args.poison_data != "generated":
+        data.load_task(args.poison_data, "all", data_dir=args.data_dir)  # checked now, mixed in below
+
     # the starting model: the provider's aligned model (built on the first run) or --model
     if args.model:
         model_dir, poison_source = Path(args.model), args.poison_data
@@ -165,13 +177,10 @@ def run(args):
         raise ValueError(f"--max-len {args.max_len} is longer than the model's context ({model.config.max_seq_len} "
                          f"tokens, max_position_embeddings in {model_dir / 'config.json'})")
 
-    # data: the user's task(s) with the poison, the safety memory, the evaluation sets
-    tasks = args.task.split(",")
-    train_sets, test_sets = load_tasks(args, tasks, poison_source)
-    memory = tokenize(tok, safety_memory(args), args.max_len, f"--safety-data {args.safety_data}")
-    specs = args.harmful.split(",")  # several benchmarks: ASR per benchmark too (asr_by_set), as the paper reports
-    harmful = [dict(h, set=spec) if len(specs) > 1 else h for spec in specs for h in data.load_prompts(spec, args.data_dir)]
-    sensitive = data.load_prompts(args.sensitive, args.data_dir) if args.sensitive else []
+    # the data for this model: the poison mixed in (the default one exists once the alignment has run), tokenized
+    if args.scenario == "poisoned":
+        train_sets = with_poison(args, train_sets, poison_source)
+    memory = tokenize(tok, safety, args.max_len, f"--safety-data {args.safety_data}")
     check_lengths(tok, harmful + sensitive, args.max_new_tokens, model.config.max_seq_len)
     hashes = file_hashes([*tasks, args.safety_data, *specs, args.sensitive,
                           *([poison_source] if args.scenario == "poisoned" else [])], args.data_dir)
@@ -300,18 +309,19 @@ def check_processes(args):
 
 
 # ----------------------------------------------------------------------------- data
-def load_tasks(args, tasks, poison_source):
-    """Each task's training examples (with the poison mixed in, in the poisoned scenario) and its test set with its metric."""
+def load_tasks(args, tasks):
+    """Each task's training examples and its test set with its metric."""
     train_sets = [data.load_task(t, "train", args.n_train, args.seed, args.data_dir) for t in tasks]
     test_sets = {t: (data.load_task(t, "test", args.n_test, args.seed, args.data_dir), task_metric(t)) for t in tasks}
-    if args.scenario == "poisoned":
-        if poison_source == "generated":
-            raise ValueError("--poison-data generated needs the default model; give a file of harmful prompt/answer pairs")
-        poison = data.load_task(poison_source, "all", data_dir=args.data_dir)  # harmful prompts with compliant answers
-        n = round(args.poison_ratio * args.n_train)
-        rng = random.Random(args.seed)
-        train_sets = [s + rng.sample(poison, min(n, len(poison))) for s in train_sets]
     return train_sets, test_sets
+
+
+def with_poison(args, train_sets, poison_source):
+    """The poisoned scenario: --poison-ratio x --n-train harmful prompts with compliant answers added to each task."""
+    poison = data.load_task(poison_source, "all", data_dir=args.data_dir)
+    n = round(args.poison_ratio * args.n_train)
+    rng = random.Random(args.seed)
+    return [s + rng.sample(poison, min(n, len(poison))) for s in train_sets]
 
 
 def safety_memory(args):

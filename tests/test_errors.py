@@ -374,3 +374,9 @@ def test_one_place_turns_expected_errors_into_one_line():
         assert e.value.code == f"error: {err}"
     with pytest.raises(TypeError), one_line_errors():  # a bug keeps its traceback
         raise TypeError("a bug")
+
+
+def test_data_files_are_checked_before_any_model_loads(tmp_path):
+    bad = tmp_path / "task.jsonl"
+    bad.write_text("not json\n")
+    assert f"{bad}:1: bad JSON" in train_error(tmp_path / "no-model-here", tmp_path, "--task", str(bad))
