@@ -20,6 +20,7 @@ import argparse
 import gc
 import hashlib
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -188,8 +189,7 @@ def run(args):
     if saved:
         check_resume(saved, config, hashes, method.changes_frozen_weights, ckpt_dir)
 
-    # the starting model's metrics (cached), then its fresh LoRA; the decoding step compiled with CUDA graphs
-    # (generation of a small model is kernel-launch bound)
+    # the starting model's metrics (cached), then its fresh LoRA; decoding compiled with CUDA graphs (launch-bound)
     decode = torch.compile(model, mode="reduce-overhead", fullgraph=True) if args.compile and args.device.startswith("cuda") else None
     judge = make_judge(args.judge, args.device, dtype) if rank == 0 else None
     eval_kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, judge=judge, decode_step=decode)
@@ -208,9 +208,10 @@ def run(args):
         if dist.is_initialized() and not args.fsdp else model
 
     # the task loop: each task trained with the method, then safety and every task seen so far evaluated
-    if not args.resume and rank == 0:  # --overwrite: every input checked, the old run goes before the new one trains
+    if not args.resume and rank == 0:  # --overwrite, every input checked: the old results step aside until the new ones exist
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        (out / "results.json").unlink(missing_ok=True)
+        if (out / "results.json").exists():
+            os.replace(out / "results.json", out / "results.previous.json")
     history, train_seconds, steps_before = ([], 0.0, 0) if not saved else \
         (saved["history"], saved["train_seconds"], saved["steps_before"])  # steps_before: the finished tasks' steps
     ckpt = Checkpoints(ckpt_dir, args.ckpt_every, args.stop_after, rank, args.device, config=config, data_hashes=hashes) \
@@ -260,6 +261,7 @@ def run(args):
                "config": vars(args), "versions": {"torch": torch.__version__, "unforgotten": git_commit()},
                "data_hashes": hashes}
     write_json(out / "results.json", results)
+    (out / "results.previous.json").unlink(missing_ok=True)  # replaced now that the new run has finished
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is finished: OUT holds a checkpoint or results.json
     print()
     print_table([("starting model", start)] + [(f"after {h['task']} ({args.method}, {args.scenario})", h) for h in history])

@@ -198,11 +198,15 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_check
 
 
 def test_overwrite_then_stop_then_resume(tiny_checkpoint, tmp_path, uninterrupted):
-    """--overwrite removes the finished run at once: a stopped rerun resumes instead of meeting old results."""
+    """--overwrite sets the finished run's results aside (results.previous.json) as training begins: a stopped rerun
+    resumes instead of meeting old results, and the old ones go only when the new run has finished."""
     out = tmp_path / "run"
     train.main(argv(tiny_checkpoint, out, "--seed", "1"))
+    old = (out / "results.json").read_text()
     with pytest.raises(SystemExit):
         train.main(argv(tiny_checkpoint, out, "--overwrite", "--stop-after", "4"))
     assert not (out / "results.json").exists() and (out / "ckpt" / "manifest.json").exists()
+    assert (out / "results.previous.json").read_text() == old  # nothing lost while the new run is unfinished
     train.main(argv(tiny_checkpoint, out, "--resume"))
     assert_same_run(uninterrupted("sft"), out)
+    assert not (out / "results.previous.json").exists()
