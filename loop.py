@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from batches import collate, grouped_order, n_targets
 from checkpoint import load_optimizer
+from methods.method import nll
 
 
 def lr_at(step, total, lr, warmup):
@@ -36,9 +37,12 @@ def n_steps(n_examples, epochs, per_step):
 
 
 def fit(model, method, examples, *, lr, epochs, batch_size, grad_accum=1, warmup=0.05, seed=0, pad_id=0,
-        device="cpu", bf16=False, fwd=None, desc="training", ckpt=None, resume=None):
+        device="cpu", bf16=False, fwd=None, desc="training", ckpt=None, resume=None, probe=None):
     """Optimise the model's trainable parameters on `examples` with `method`; returns [(step, loss)], every 10 steps.
 
+    probe: tokenized examples (a fixed sample of the safety memory) whose mean NLL is measured, without
+    gradients, with each recorded loss: the entries are then (step, loss, probe's loss); the loss
+    the aligned model's own safety data has as training goes on, the same in every method's run.
     fwd: the module that runs forward passes (DDP's wrapper under torchrun; default the model).
     ckpt: a checkpoint.Checkpoints, asked once per step whether to write one (every N steps, after
     the last, on SIGTERM / Ctrl-C / --stop-after). resume: (manifest, tensors) of its checkpoint, to go
@@ -66,14 +70,16 @@ def fit(model, method, examples, *, lr, epochs, batch_size, grad_accum=1, warmup
     model.train()
     with ckpt or nullcontext():  # Ctrl-C and SIGTERM now ask for a checkpoint at the end of the step
         for step in (bar := tqdm(range(first, total), desc=desc, initial=first, total=total, disable=rank > 0)):
+            step_lr = lr_at(step, total, lr, warmup)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, lr, warmup)
+                g["lr"] = step_lr
+            lr_scale = step_lr / lr if lr > 0 else 1.0  # the schedule, as a share of the peak (for a method)
             chosen = [examples[i] for i in order[step * per_step: (step + 1) * per_step]]
             tokens = max(1, sum(map(n_targets, chosen)))  # target tokens in the whole step, every process's
             batches = [collate(chosen[k: k + batch_size], pad_id, device)  # this process's micro-batches
                        for k in ((m * world + rank) * batch_size for m in range(grad_accum))]
             with autocast:
-                method.begin_step(model, step, batches)
+                method.begin_step(model, step, batches, total, lr_scale)
             step_loss = 0.0
             for m, batch in enumerate(batches):
                 with autocast:
@@ -85,6 +91,7 @@ def fit(model, method, examples, *, lr, epochs, batch_size, grad_accum=1, warmup
             method.after_backward(model)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            method.after_step(model)
             opt.zero_grad(set_to_none=True)
             done = step + 1
             save = ckpt is not None and ckpt.due(done, total)
@@ -99,9 +106,19 @@ def fit(model, method, examples, *, lr, epochs, batch_size, grad_accum=1, warmup
                     kept = f"; the last good checkpoint, {ckpt.last}, is kept" if ckpt and ckpt.last else ""
                     raise ValueError(f"non-finite loss ({value}) at step {done}/{total} of {desc}: lower --lr or check the data{kept}")
                 if record:
-                    losses.append((step, value))
+                    losses.append((step, value) if probe is None else (step, value, probe_loss(model, probe, device)))
                     bar.set_postfix(loss=f"{value:.3f}")
             if save:
                 ckpt.save(done, total, desc, model, method, opt, losses)  # then raises Stopped if asked to stop
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def probe_loss(model, examples, device, size=8):
+    """Mean NLL over the examples' target tokens, in eval mode (no dropout: the run's random draws stay as they were)."""
+    model.eval()
+    chunks = [examples[k: k + size] for k in range(0, len(examples), size)]
+    total = sum(float(nll(model, collate(c, device=device))) * sum(map(n_targets, c)) for c in chunks)
+    model.train()
+    return total / max(1, sum(map(n_targets, examples)))

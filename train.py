@@ -182,6 +182,7 @@ def run(args):
     if args.scenario == "poisoned":
         train_sets = with_poison(args, train_sets, poison_source)
     memory = tokenize(tok, safety, args.max_len, f"--safety-data {args.safety_data}")
+    probe = random.Random(args.seed).sample(memory, min(16, len(memory)))  # its loss goes with the run's (loop.fit)
     check_lengths(tok, harmful + sensitive, args.max_new_tokens, model.config.max_seq_len)
     hashes = file_hashes([*tasks, args.safety_data, *specs, args.sensitive,
                           *([poison_source] if args.scenario == "poisoned" else [])], args.data_dir)
@@ -235,12 +236,12 @@ def run(args):
         losses = fit(model, method, train_on, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                      grad_accum=args.grad_accum, warmup=args.warmup, seed=args.seed, pad_id=tok.pad_id, device=args.device,
                      bf16=args.dtype == "bf16", fwd=fwd, desc=f"task {i + 1}/{len(tasks)} {name} [{args.method}]",
-                     ckpt=ckpt, resume=(resume, saved_tensors) if resume else None)
+                     ckpt=ckpt, resume=(resume, saved_tensors) if resume else None, probe=probe)
         train_seconds += time.time() - t0
         steps_before += n_steps(len(train_on), args.epochs, args.batch_size * args.grad_accum * world_size())
         method.end_task(model)
-        seen = {t: test_sets[t] for t in tasks[: i + 1]}
-        history.append({"task": name, "losses": losses, **(evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if evaluating else {})})
+        seen = {t: test_sets[t] for t in tasks[: i + 1]}  # safety and every task so far; the method's diagnostics
+        history.append({"task": name, "losses": losses, "diagnostics": method.report(), **(evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if evaluating else {})})
 
     # results and saving
     save = args.save or ("merged" if method.changes_frozen_weights else "adapter")

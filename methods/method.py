@@ -5,11 +5,15 @@ schedule; a method only says what to minimise and, if it must, how to touch the 
 
     begin_task(model, task, memory)    once per user task, before its first step
     data(task, memory)                 the examples to train on (replay mixes memory in here)
-    begin_step(model, step, batches)   before optimizer step `step` (0-based, of the task); its micro-batches
+    begin_step(model, step, batches, total, lr_scale)
+                                       before optimizer step `step` (0-based) of the task's `total`; its
+                                       micro-batches; lr_scale: this step's learning rate / the peak
     loss(model, batch) -> Tensor       the loss of one micro-batch of user data: a plain mean over its targets
     step_loss(model) -> Tensor | None  a term of the whole step (a penalty, a memory batch), or None
-    after_backward(model)              after the step's gradients are complete (A-GEM projects here)
+    after_backward(model)              after the step's gradients are complete, before the optimizer
+    after_step(model)                  after the optimizer's step (A-GEM projects the update here)
     end_task(model)                    after the task's last step
+    report() -> dict                   diagnostics for results.json (JSON values; default none)
     state_dict() / load_state_dict()   the method's state in a checkpoint (default: self.rng's)
 
 Gradient accumulation is the loop's business (torchtune's recipes): it weights each micro-batch's
@@ -27,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from batches import at_targets
+from batches import at_targets, collate
 from model import load_safetensors
 
 
@@ -50,7 +54,7 @@ class Method:
     def data(self, task, memory):
         return list(task)
 
-    def begin_step(self, model, step, batches):
+    def begin_step(self, model, step, batches, total, lr_scale):
         pass
 
     def loss(self, model, batch):
@@ -62,8 +66,14 @@ class Method:
     def after_backward(self, model):
         pass
 
+    def after_step(self, model):
+        pass
+
     def end_task(self, model):
         pass
+
+    def report(self) -> dict:
+        return {}
 
     def state_dict(self) -> dict:
         """What a resumed run needs to go on exactly as an uninterrupted one (checkpoint.py).
@@ -93,6 +103,29 @@ def nll(model, batch):
     h = at_targets(model(batch["idx"], return_hidden=True), batch)  # (N, dim)
     logits = model.lm_head(h).float()  # (N, vocab)
     return F.cross_entropy(logits, batch["tgt"], reduction="sum") / max(len(batch["tgt"]), 1)
+
+
+def fisher(model, examples, params):
+    """Diagonal Fisher over `params` from per-example gradients, each weighted by the model's probability of its answer.
+
+        F = 1/N sum_n p_n (d l_n / d params)^2,   l_n the example's mean NLL, p_n the mean of exp(-NLL_t)
+                                                    over its target tokens
+
+    mammoth's models/ewc_on.py end_task (aimagelab/mammoth e75a491), written for classification
+    (exp_cond_prob = p(y|x)), applied token-wise as its code reads on a sequence: the per-token
+    log-probs averaged into the loss and their probabilities into the weight. One backward per
+    example, a plain loop, as the formula reads.
+    """
+    fish = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    device = params[0].device
+    for ex in examples:
+        b = collate([ex], device=device)
+        logits = model.lm_head(at_targets(model(b["idx"], return_hidden=True), b)).float()
+        logp = -F.cross_entropy(logits, b["tgt"], reduction="none")  # (tokens,) log p_t
+        p = logp.detach().exp().mean()
+        for f, g in zip(fish, torch.autograd.grad(-logp.mean(), params)):
+            f += p * g.float() ** 2 / len(examples)
+    return fish
 
 
 def trainable(model):

@@ -28,9 +28,9 @@ def test_two_processes_match_one(tiny_checkpoint, tmp_path, method):
     train([*common, "--batch-size", "2", "--out", str(tmp_path / "two")], nproc=2)  # 2 x 2 = the same step
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     l1, l2 = one["history"][0]["losses"], two["history"][0]["losses"]
-    assert [s for s, _ in l1] == [s for s, _ in l2] and len(l1) >= 2
+    assert [s for s, *_ in l1] == [s for s, *_ in l2] and len(l1) >= 2
     assert l1[-1][1] < l1[0][1] - 1e-3  # it learned something, so the comparison means something
-    for (_, a), (_, b) in zip(l1, l2):
+    for (_, a, *_), (_, b, *_) in zip(l1, l2):
         assert b == pytest.approx(a, rel=1e-4)
     w1, w2 = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("one", "two"))
     assert w1.keys() == w2.keys()
@@ -46,7 +46,7 @@ def test_fsdp_matches_one_process(tiny_checkpoint, tmp_path, method):
     train([*common, "--batch-size", "4", "--out", str(tmp_path / "one")])
     train([*common, "--batch-size", "2", "--fsdp", "--out", str(tmp_path / "two")], nproc=2)
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
-    for (s1, a), (s2, b) in zip(one["history"][0]["losses"], two["history"][0]["losses"]):
+    for (s1, a, *_), (s2, b, *_) in zip(one["history"][0]["losses"], two["history"][0]["losses"]):
         assert s1 == s2 and b == pytest.approx(a, rel=1e-4)
     assert two["asr"] == one["asr"] and two["task_accuracy"] == one["task_accuracy"]  # every process evaluated alike
     w1, w2 = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("one", "two"))
