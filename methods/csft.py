@@ -5,7 +5,7 @@ Should Be Made More Than Just a Few Tokens Deep"), Eqn 3:
 
 Its gradient is a token-weighted NLL, which is the loss computed here (paper.md's form):
 
-    L = mean_t w_t * NLL_t,    w_t = 2 (1 - sigmoid(beta_t * (log p_theta - log p_safe)))  (detached)
+    L = mean_t w_t * NLL_t,    w_t = max(1e-3, 2 (1 - sigmoid(beta_t * (log p_theta - log p_safe))))  (detached)
 
 w_t = 1 where the model agrees with theta_safe (SFT's gradient), and w_t -> 0 for a token whose
 probability has already risen well above theta_safe's: the fine-tuning cannot push the first tokens of
@@ -13,6 +13,9 @@ a response far from what the aligned model would say. p_safe comes from the same
 disabled (one extra forward, no gradient). beta_t by position t in the response (--csft-beta, one
 value per position, the last repeated): Qi et al.'s 0.5 for t = 1, 2 for t = 2..5, 0.1 after. beta -> 0
 is SFT. Qi et al. study the objective with safety data mixed in as well; here it is the objective alone.
+As the authors' code (Unispac/shallow-vs-deep-alignment fb1749e, finetuning_buckets/trainer/trainer.py
+soft_sft_loss and get_beta_list): the same weights, clamped below at 1e-3, the mean over every response
+token of the batch, the reference the initial (aligned) model.
 """
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,7 @@ class CSFT(Method):
     def weights(self, logp, logp_safe, pos):
         """w_t for the N targets: log-probs under the model and theta_safe, and t (1-based) of each."""
         beta = self.beta.to(logp.device)[(pos - 1).clamp(max=len(self.beta) - 1)]
-        return 2 * (1 - torch.sigmoid(beta * (logp.detach() - logp_safe)))
+        return (2 * (1 - torch.sigmoid(beta * (logp.detach() - logp_safe)))).clamp(min=1e-3)  # the authors' clamp
 
     def loss(self, model, batch):
         # (N,) each target's place t in its response; tgt_pos indexes the flattened (B, T-1) targets

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import lora
-import methods.ewc
+import methods.method
 import methods.magmax as magmax
 import methods.safelora as safelora
 import train
 from batches import collate
 from conftest import method_args, perturb
-from loop import fit
+from loop import fit, lr_at, n_steps
 from methods import METHODS, make
 from methods.l2 import drift
 from methods.method import base_weights, nll, trainable
@@ -121,6 +121,26 @@ def test_a_step_term_counts_once_per_step(name, tiny_checkpoint, tiny_base, setu
         assert (f - u - t).abs().max() <= 1e-6 * max(1.0, t.abs().max())
 
 
+def test_the_probe_measures_the_memory_loss_and_changes_nothing(tiny_checkpoint, setup):
+    """fit's probe: the mean NLL over the probe's target tokens at each recorded step; the run is the same without it."""
+    tok, _, task, memory = setup
+    probe = memory[:5]
+    runs = []
+    for with_probe in (False, True):
+        model = fresh(tiny_checkpoint)
+        torch.manual_seed(0)
+        losses = fit(model, make("sft", method_args("sft")), task, lr=1e-2, epochs=3, batch_size=2, pad_id=tok.pad_id,
+                     probe=probe if with_probe else None)
+        runs.append((losses, lora_state(model), model))
+    (plain, w_plain, _), (probed, w_probed, model) = runs
+    assert [x[:2] for x in probed] == plain and all(torch.equal(a, b) for a, b in zip(w_plain, w_probed))
+    with torch.no_grad():
+        n = [sum(l != -100 for l in ex["labels"][1:]) for ex in probe]
+        by_hand = sum(nll(model, collate([ex])).item() * k for ex, k in zip(probe, n)) / sum(n)
+    assert probed[-1][2] == pytest.approx(by_hand, rel=1e-5)  # the last record is after the last step
+    assert probed[0][2] != pytest.approx(probed[-1][2], rel=1e-3)  # training on the task moved it
+
+
 def test_make_builds_a_wrapper_with_its_inner_method():
     refresh = make("refresh", method_args("refresh", refresh_inner="derpp"))
     assert type(refresh.inner).__name__ == "DERPP"
@@ -132,12 +152,12 @@ def test_make_builds_a_wrapper_with_its_inner_method():
 
 # ----------------------------------------------------------------------------- A-GEM
 
-def agem_case(setup, sign):
+def agem_case(setup, sign, project="gradient"):
     """An A-GEM method, the memory gradient g_ref, and .grad set to g = sign * g_ref + noise."""
     _, model, task, memory = setup
     perturb(model, std=0.1)
     params = lora.lora_parameters(model)
-    agem = METHODS["agem"](method_args("agem", mem_batch_size=len(memory)))  # the batch is all of M
+    agem = METHODS["agem"](method_args("agem", mem_batch_size=len(memory), agem_project=project))  # the batch is all of M
     agem.begin_task(model, task, memory)
     g_ref = torch.cat([g.flatten() for g in torch.autograd.grad(nll(model, collate(memory)), params)])
     torch.manual_seed(1)
@@ -145,20 +165,58 @@ def agem_case(setup, sign):
     for p, chunk in zip(params, g.split([p.numel() for p in params])):
         p.grad = chunk.view_as(p).clone()
     agem.after_backward(model)
-    return g, g_ref, torch.cat([p.grad.flatten() for p in params])
+    return agem, model, g, g_ref, torch.cat([p.grad.flatten() for p in params])
 
 
-def test_agem_projects_a_conflicting_gradient(setup):
-    g, g_ref, projected = agem_case(setup, -1.0)
+def test_agem_gradient_rule_projects_a_conflicting_gradient(setup):
+    agem, _, g, g_ref, projected = agem_case(setup, -1.0)
     assert g @ g_ref < 0
     assert projected @ g_ref >= -1e-6 * g_ref.norm() * projected.norm()
     assert torch.allclose(projected, g - (g @ g_ref) / (g_ref @ g_ref) * g_ref, rtol=1e-4, atol=1e-7)
 
 
-def test_agem_leaves_an_agreeing_gradient_alone(setup):
-    g, g_ref, projected = agem_case(setup, 1.0)
+def test_agem_gradient_rule_leaves_an_agreeing_gradient_alone(setup):
+    _, _, g, g_ref, projected = agem_case(setup, 1.0)
     assert g @ g_ref >= 0
     assert torch.equal(projected, g)
+
+
+def adam_step(model, lr=1e-2):
+    """One AdamW step on the LoRA parameters' .grad (its first step: lr * sign(g), whatever g's scale)."""
+    opt = torch.optim.AdamW(lora.lora_parameters(model), lr=lr, weight_decay=0.0)
+    opt.step()
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_agem_projects_the_optimizers_step(setup, sign):
+    """The step taken, u = w_new - w, never points up the memory's loss: u . g_ref <= 0, by the A-GEM formula on u."""
+    agem, model, g, g_ref, grad = agem_case(setup, sign, project="update")
+    assert torch.equal(grad, g)  # the gradient is left to the optimizer
+    w0 = torch.cat([p.detach().flatten() for p in lora.lora_parameters(model)])
+    adam_step(model)
+    u = torch.cat([p.detach().flatten() for p in lora.lora_parameters(model)]) - w0
+    agem.after_step(model)
+    taken = torch.cat([p.detach().flatten() for p in lora.lora_parameters(model)]) - w0
+    expected = u - (u @ g_ref) / (g_ref @ g_ref) * g_ref if u @ g_ref > 0 else u
+    assert torch.allclose(taken, expected, atol=1e-6)
+    assert taken @ g_ref <= 1e-6 * g_ref.norm() * taken.norm()
+    step = agem.report()["agem"]["steps"][0]
+    assert step["fired"] == bool(u @ g_ref > 0) and step["cos_grad"] == pytest.approx(cos(g, g_ref), abs=1e-5)
+    assert step["cos_update"] == pytest.approx(cos(u, -g_ref), abs=1e-5) and step["memory_loss"] > 0
+    if sign < 0:  # a conflicting gradient: Adam's sign-like step conflicts too, and the projection fired
+        assert step["fired"] and agem.report()["agem"]["fired_share"] == 1.0
+
+
+def test_agem_on_the_gradient_does_not_bind_adams_step(setup):
+    """Why the default projects the step: a gradient projected to be orthogonal to g_ref, fed to AdamW,
+    gives a step that is no longer orthogonal to g_ref (AdamW rescales each coordinate): whether it raises
+    the memory's loss is left to chance."""
+    agem, model, g, g_ref, projected = agem_case(setup, -1.0)
+    assert abs(projected @ g_ref) <= 1e-4 * projected.norm() * g_ref.norm()  # orthogonal: the rule is met for SGD
+    w0 = torch.cat([p.detach().flatten() for p in lora.lora_parameters(model)])
+    adam_step(model)
+    u = torch.cat([p.detach().flatten() for p in lora.lora_parameters(model)]) - w0
+    assert abs(cos(u, g_ref)) > 0.01  # 100x further from orthogonal than the projected gradient
 
 
 # ----------------------------------------------------------------------------- constrained SFT
@@ -182,6 +240,9 @@ def test_csft_beta_by_position_and_weights_move_the_right_way(setup):
     beta = torch.tensor([0.5, 2, 2, 2, 2, 0.1, 0.1, 0.1])
     assert torch.allclose(up, 2 * (1 - torch.sigmoid(beta)))
     assert (up < 1).all() and up[1] < up[0] < up[5]  # the larger beta, the sooner the token stops being pushed
+    far = csft.weights(torch.zeros(3), torch.full((3,), -20.0), torch.tensor([1, 2, 6]))  # 2 (1 - sigmoid(beta * 20))
+    # 2 (1 - sigmoid(10)) = 9e-5 and 2 (1 - sigmoid(40)) = 8e-18 are clamped to 1e-3, as the authors' code does
+    assert torch.allclose(far, torch.tensor([1e-3, 1e-3, 2 * (1 - torch.sigmoid(torch.tensor(2.0))).item()]))
 
 
 def test_csft_gradient_is_that_of_qi_et_al_objective(setup):
@@ -196,7 +257,10 @@ def test_csft_gradient_is_that_of_qi_et_al_objective(setup):
         logp_safe = torch.log_softmax(model(b["idx"])[:, :-1][mask], -1).gather(1, targets[:, None])[:, 0]
     pos = torch.cat([torch.arange(1, int(n) + 1) for n in mask.sum(1)])  # one response per row
     beta = torch.tensor([0.5, 2, 0.1])[(pos - 1).clamp(max=2)]
-    qi = -(2 / beta * torch.nn.functional.logsigmoid(beta * (logp - logp_safe))).sum() / mask.sum()
+    w = 2 * (1 - torch.sigmoid(beta * (logp.detach() - logp_safe)))
+    clamped = w < 1e-3  # the authors' clamp: there the weight is 1e-3, the gradient 1e-3 x NLL's
+    terms = torch.where(clamped, -1e-3 * logp, -2 / beta * torch.nn.functional.logsigmoid(beta * (logp - logp_safe)))
+    qi = terms.sum() / mask.sum()
     for g, g_qi in zip(grads(csft.loss(model, b), model), grads(qi, model)):
         assert torch.allclose(g, g_qi, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(csft.loss(model, b), nll(model, b))
@@ -259,38 +323,44 @@ def test_ewc_penalty_is_zero_at_start_and_grows_with_drift(setup):
     assert 0 < penalties[0] < penalties[1] < penalties[2]
 
 
-def test_ewc_fisher_is_the_mean_of_batch_squared_grads_at_theta_safe(setup, monkeypatch):
+def test_ewc_fisher_squares_per_example_gradients_weighted_by_probability(setup):
+    """mammoth's ewc_on Fisher, by hand: per example, the squared gradient of its mean NLL at theta_safe times
+    the mean probability of its target tokens, averaged over the examples."""
     _, model, task, memory = setup
     perturb(model)  # the Fisher must be taken with the adapters disabled, whatever they hold
-    calls = []
-    monkeypatch.setattr(methods.ewc, "nll", lambda m, b: calls.append(len(b["idx"])) or nll(m, b))
-    ewc = METHODS["ewc"](method_args("ewc", fisher_batch_size=4))
+    ewc = METHODS["ewc"](method_args("ewc"))
     ewc.begin_task(model, task, memory)
-    assert calls == [4, 2]  # batched: ceil(6 / 4) forward/backward passes, not one per example
     layers = [m for _, m in lora.lora_layers(model)]
     assert all(not m.weight.requires_grad for m in layers)  # the base stays frozen afterwards
     weights = [m.weight.requires_grad_(True) for m in layers]
     expected = [torch.zeros_like(w) for w in weights]
-    for chunk in (memory[:4], memory[4:]):  # by hand: squared grads of each batch's mean NLL, averaged
-        with lora.disabled(model):
-            g = torch.autograd.grad(nll(model, collate(chunk)), weights)
-        for e, gi in zip(expected, g):
-            e += gi ** 2 / 2
+    batch_mean = [torch.zeros_like(w) for w in weights]
+    with lora.disabled(model):
+        for ex in memory:
+            b = collate([ex])
+            mask = b["labels"][:, 1:] != -100
+            logp = torch.log_softmax(model(b["idx"])[:, :-1][mask], -1).gather(1, b["labels"][:, 1:][mask][:, None])
+            p = logp.detach().exp().mean()
+            for e, g in zip(expected, torch.autograd.grad(nll(model, b), weights)):
+                e += p * g ** 2 / len(memory)
+        for e, g in zip(batch_mean, torch.autograd.grad(nll(model, collate(memory)), weights)):
+            e += g ** 2  # the squared gradient of the batch mean: what this EWC used until 2026-12
     for w in weights:
         w.requires_grad_(False)
     assert len(ewc.fisher) == len(layers)
-    for (m, f), e, layer in zip(ewc.fisher, expected, layers):
+    for (m, f), e, bm, layer in zip(ewc.fisher, expected, batch_mean, layers):
         assert m is layer and f.shape == layer.weight.shape
         assert (f >= 0).all() and f.sum() > 0
-        assert torch.allclose(f, e, rtol=1e-5, atol=1e-12)
+        assert torch.allclose(f, e, rtol=1e-4, atol=1e-12)
+        assert not torch.allclose(f / f.sum(), bm / bm.sum(), rtol=0.05)  # not a constant times the batch form
 
 
-def test_ewc_fisher_batches_caps_the_passes(setup, monkeypatch):
+def test_ewc_fisher_examples_caps_the_passes(setup, monkeypatch):
     _, model, task, memory = setup
     calls = []
-    monkeypatch.setattr(methods.ewc, "nll", lambda m, b: calls.append(len(b["idx"])) or nll(m, b))
-    METHODS["ewc"](method_args("ewc", fisher_batch_size=2, fisher_batches=2)).begin_task(model, task, memory)
-    assert calls == [2, 2]
+    monkeypatch.setattr(methods.method, "collate", lambda ex, *a, **k: calls.append(len(ex)) or collate(ex, *a, **k))
+    METHODS["ewc"](method_args("ewc", fisher_examples=2)).begin_task(model, task, memory)
+    assert calls == [1, 1]
 
 
 # ----------------------------------------------------------------------------- L2
@@ -319,7 +389,7 @@ def test_lisa_alternates_states_on_schedule(setup):
     b = collate(task[:2], tok.pad_id)
     states = []
     for step in range(10):
-        lisa.begin_step(model, step, [b, b])
+        lisa.begin_step(model, step, [b, b], 10, 1.0)
         for _ in range(2):  # two micro-batches: the state holds for the whole step
             states.append(lisa.aligning)
             rng = lisa.rng.getstate()
@@ -338,7 +408,7 @@ def test_lisa_proximal_term_is_zero_at_the_switch_and_grows_with_drift(setup):
     lisa = METHODS["lisa"](method_args("lisa", lisa_align_steps=1, lisa_user_steps=1, lisa_rho=rho))
     lisa.begin_task(model, task, memory)
     b = collate(task[:2], tok.pad_id)
-    lisa.begin_step(model, 0, [b])  # the alignment state begins: w_switch = w
+    lisa.begin_step(model, 0, [b], 1, 1.0)  # the alignment state begins: w_switch = w
     assert lisa.aligning and lisa.proximal(model).item() == 0
     drifts = []
     for _ in range(3):
@@ -348,11 +418,28 @@ def test_lisa_proximal_term_is_zero_at_the_switch_and_grows_with_drift(setup):
         drifts.append(lisa.proximal(model).item())
     n = sum(p.numel() for p in lora.lora_parameters(model))
     assert drifts == pytest.approx([n * 0.01 ** 2, n * 0.02 ** 2, n * 0.03 ** 2], rel=1e-3)
-    lisa.begin_step(model, 1, [b])  # the user state begins at the drifted weights, so the term is 0 again
+    lisa.begin_step(model, 1, [b], 1, 1.0)  # the user state begins at the drifted weights, so the term is 0 again
     assert not lisa.aligning and lisa.proximal(model).item() == 0 and torch.equal(lisa.loss(model, b), nll(model, b))
     with torch.no_grad():
         lora.lora_parameters(model)[0].add_(0.1)
     assert torch.allclose(lisa.step_loss(model), rho / 2 * lisa.proximal(model)) and lisa.proximal(model).item() > 0
+
+
+def test_lisa_schedule_scales_the_reference_and_leaves_the_first_tenth_without_the_proximal_term(setup):
+    tok, model, task, memory = setup
+    lisa = METHODS["lisa"](method_args("lisa"))
+    assert lisa.schedule(20000) == (100, 900)  # the reference script's run: 20000 steps, 100 : 900
+    assert lisa.schedule(61) == (1, 9) and lisa.schedule(600) == (3, 27)
+    assert METHODS["lisa"](method_args("lisa", lisa_align_steps=2)).schedule(61) == (2, 9)
+    lisa.begin_task(model, task, memory)
+    b = collate(task[:2], tok.pad_id)
+    on = []
+    for step in range(30):
+        lisa.begin_step(model, step, [b], 30, 1.0)
+        on.append(lisa.step_loss(model) is not None)
+        with torch.no_grad():
+            lora.lora_parameters(model)[0].add_(0.01)
+    assert on == [False] * 4 + [True] * 26  # the reference's `steps > 0.1 * max_steps`: from step 4 of 30
 
 
 # ----------------------------------------------------------------------------- LwF
@@ -384,44 +471,70 @@ def test_lwf_kl_matches_the_formula(setup):
 
 # ----------------------------------------------------------------------------- MagMax
 
-def test_magmax_keeps_the_larger_magnitude_entry_and_scales(setup, tiny_base):
+def one_lora_layer(w_base, w_aligned, delta):
+    """A model of one LoRA'd 2x2 layer q_proj: frozen weight w_aligned, delta W = B A exactly (A = I, alpha = r)."""
+    model = torch.nn.Module()
+    model.q_proj = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.q_proj.weight.copy_(w_aligned)
+    lora.apply_lora(model, rank=2, alpha=2, targets=("q_proj",))
+    with torch.no_grad():
+        model.q_proj.lora_A.weight.copy_(torch.eye(2))
+        model.q_proj.lora_B.weight.copy_(delta)
+    return model, {"q_proj.weight": w_base}
+
+
+def test_magmax_on_hand_made_vectors():
+    """tau_safe = W_aligned - W_base, tau_user = tau_safe + delta; per entry the larger magnitude, ties to tau_user."""
+    w_base = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    tau_safe = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
+    delta = torch.tensor([[0.5, 3.0], [-1.0, -0.5]])
+    # tau_user = [[1.5, 1.0], [-0.5, -0.25]]; larger magnitude: 1.5 (user), -2 (safe), -0.5 (tie: user), -0.25 (tie: user)
+    merged = torch.tensor([[1.5, -2.0], [-0.5, -0.25]])
+    model, base = one_lora_layer(w_base, w_base + tau_safe, delta)
+    magmax.merge(model, base)
+    assert torch.equal(model.q_proj.weight, w_base + merged) and not model.q_proj.lora_B.weight.any()
+    model, base = one_lora_layer(w_base, w_base + tau_safe, delta)
+    magmax.merge(model, base, scale=0.5)
+    assert torch.equal(model.q_proj.weight, w_base + 0.5 * merged)
+    # --magmax-delta: tau_user = delta = [[0.5, 3], [-1, -0.5]] against tau_safe: 1 (safe), 3, -1, -0.5 (user)
+    model, base = one_lora_layer(w_base, w_base + tau_safe, delta)
+    magmax.merge(model, base, delta_only=True)
+    assert torch.equal(model.q_proj.weight, w_base + torch.tensor([[1.0, 3.0], [-1.0, -0.5]]))
+    assert torch.equal(magmax.max_magnitude(torch.tensor([2.0, -1.0]), torch.tensor([-2.0, 1.0])), torch.tensor([-2.0, 1.0]))
+
+
+def test_magmax_at_scale_one_keeps_each_entry_of_one_model_or_the_other(setup, tiny_base):
     _, model, _, _ = setup
     perturb(model, std=0.3)
     base = base_weights(model, tiny_base)
     layers = dict(lora.lora_layers(model))
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-    deltas = {f"{n}.weight": m.delta().detach().clone() for n, m in layers.items()}
-    s = 0.7
-    magmax.merge(model, base, scale=s)
-    picked_user = picked_safe = 0
+    aligned = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    user = {n: aligned[n] + layers[n[: -len(".weight")]].delta().detach() if n[: -len(".weight")] in layers else aligned[n]
+            for n in aligned}
+    magmax.merge(model, base)
     for name, p in model.named_parameters():
         if "lora_" in name:
             continue
-        tau_safe = before[name] - base[name]
-        if name in deltas:  # a LoRA'd weight: per entry the larger of tau_safe and delta
-            d = deltas[name]
-            user = d.abs() > tau_safe.abs()
-            picked_user, picked_safe = picked_user + int(user.sum()), picked_safe + int((~user).sum())
-            expected = base[name] + s * torch.where(user, d, tau_safe)
-        else:  # no LoRA: tau_user = 0, the entry is W_base + s * tau_safe
-            expected = base[name] + s * tau_safe
-        assert torch.allclose(p, expected, atol=1e-6), name
-    assert picked_user > 0 and picked_safe > 0  # both sides won somewhere: the test saw a real choice
-    assert all(not m.lora_B.weight.any() for m in layers.values())  # the delta now lives in the weights
+        from_user = (p - user[name]).abs() <= 1e-6
+        assert (from_user | ((p - aligned[name]).abs() <= 1e-6)).all(), name  # every entry is one model's
+        if name[: -len(".weight")] in layers:
+            assert from_user.any() and not from_user.all(), name  # and both won somewhere in a LoRA'd weight
 
 
 def test_magmax_of_several_tasks_scales_once(setup, tiny_base):
     _, model, _, _ = setup
     base = base_weights(model, tiny_base)
     name, m = lora.lora_layers(model)[0]
-    w0 = m.weight.detach().clone()
+    tau0 = m.weight.detach().clone() - base[f"{name}.weight"]
     perturb(model, std=0.3, seed=1)
     d1 = m.delta().detach().clone()
     magmax.merge(model, base, scale=0.5)
     perturb(model, std=0.3, seed=2)
     d2 = m.delta().detach().clone()
     magmax.merge(model, base, scale=0.5, prior_scale=0.5)
-    tau = magmax.max_magnitude(magmax.max_magnitude(w0 - base[f"{name}.weight"], d1), d2)
+    tau1 = magmax.max_magnitude(tau0, tau0 + d1)  # the running vector after task 1, then task 2 starts from it
+    tau = magmax.max_magnitude(tau1, tau1 + d2)  # task 2's vector: the running one (unscaled) plus its delta
     assert torch.allclose(m.weight, base[f"{name}.weight"] + 0.5 * tau, atol=1e-6)
 
 
@@ -466,7 +579,7 @@ def test_refresh_unlearning_ascends_the_current_loss(setup, damping):
     perturb(model, std=0.1)  # B != 0, so every tensor has a gradient
     b = collate(task[:2], tok.pad_id)
     before, loss = lora_state(model), nll(model, b).item()
-    refresh.unlearn(model, [b])
+    refresh.unlearn(model, [b], 0.02)
     assert nll(model, b).item() > loss
     for p0, p in zip(before, lora.lora_parameters(model)):  # each tensor moves by gamma * its norm (undamped)
         moved = (p - p0).norm().item()
@@ -480,15 +593,26 @@ def test_refresh_unlearns_on_schedule_on_the_whole_step(setup):
     tok, model, task, memory = setup
     refresh = make("refresh", method_args("refresh", refresh_every=2))
     calls, begin = [], refresh.begin_step
-    refresh.unlearn = lambda m, batches: calls.append((step[0], len(batches)))
+    refresh.unlearn = lambda m, batches, gamma: calls.append((step[0], len(batches), gamma))
     step = [None]
 
-    def begin_step(m, s, batches):
+    def begin_step(m, s, batches, total, lr_scale):
         step[0] = s
-        begin(m, s, batches)
+        begin(m, s, batches, total, lr_scale)
     refresh.begin_step = begin_step
     train_steps(refresh, model, tok, task, memory, grad_accum=2, epochs=1.5)  # 12 examples, 4 a step: 3 steps
-    assert calls == [(0, 2), (2, 2)]
+    assert calls == [(0, 2, 1e-5), (2, 2, 1e-5)]  # the authors' constant step, whatever the schedule
+
+
+def test_refresh_follow_lr_scales_the_unlearning_by_the_schedule(setup):
+    tok, model, task, memory = setup
+    refresh = make("refresh", method_args("refresh", refresh_follow_lr=True, refresh_lr=0.01))
+    gammas = []
+    refresh.unlearn = lambda m, batches, gamma: gammas.append(gamma)
+    train_steps(refresh, model, tok, task, memory, epochs=2, warmup=0.0)
+    total = n_steps(len(task), 2, 2)
+    assert len(gammas) == total > 4 and gammas == pytest.approx([0.01 * lr_at(s, total, 1.0, 0.0) for s in range(total)])
+    assert gammas[0] == pytest.approx(0.01) and gammas[-1] < 0.0015
 
 
 def test_refresh_takes_its_inner_methods_flags():
@@ -518,7 +642,33 @@ def cos(a, b):
     return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
 
 
-def test_safelora_projects_only_layers_below_the_threshold(setup, tiny_base):
+def check_projection(model, base, views, B, report, projected):
+    """The report and the weights: the `projected` layers got B' = C B, the rest are untouched."""
+    for r, (name, m) in zip(report, lora.lora_layers(model)):
+        c, d = views[name]
+        assert r["name"] == name and r["cos"] == pytest.approx(cos(c @ d, d), abs=1e-5)
+        if name in projected:
+            assert r["projected"] and torch.allclose(m.delta(), c @ d, atol=1e-6)  # delta' = C delta, still a LoRA
+            assert r["kept"] == pytest.approx(((c @ d).norm() / d.norm()).item(), rel=1e-5)
+            exact = safelora.projector(m.weight - base[f"{name}.weight"], exact=True)
+            assert torch.allclose(exact @ m.delta(), m.delta(), atol=1e-5)  # it lies in V's column space
+        else:
+            assert not r["projected"] and r["kept"] == 1.0 and torch.equal(m.lora_B.weight, B[name])  # untouched
+
+
+def test_safelora_projects_the_k_layers_of_lowest_cosine(setup, tiny_base):
+    _, model, _, _ = setup
+    perturb(model, std=0.3)
+    base = base_weights(model, tiny_base)
+    views = layer_views(model, base)
+    B = {n: m.lora_B.weight.detach().clone() for n, m in lora.lora_layers(model)}
+    lowest = sorted(views, key=lambda n: cos(views[n][0] @ views[n][1], views[n][1]))[:2]
+    report = safelora.project(model, base, k=2)
+    assert len(report) > 2 and sum(r["projected"] for r in report) == 2
+    check_projection(model, base, views, B, report, lowest)
+
+
+def test_safelora_threshold_mode_projects_the_layers_at_or_below_it(setup, tiny_base):
     _, model, _, _ = setup
     perturb(model, std=0.3)
     base = base_weights(model, tiny_base)
@@ -526,17 +676,9 @@ def test_safelora_projects_only_layers_below_the_threshold(setup, tiny_base):
     sims = sorted(cos(c @ d, d) for c, d in views.values())
     threshold = (sims[0] + sims[-1]) / 2  # some layers on each side
     B = {n: m.lora_B.weight.detach().clone() for n, m in lora.lora_layers(model)}
-    report = safelora.project(model, base, threshold)
+    report = safelora.project(model, base, threshold=threshold)
     assert 0 < sum(r["projected"] for r in report) < len(report)
-    for r, (name, m) in zip(report, lora.lora_layers(model)):
-        c, d = views[name]
-        assert r["name"] == name and r["cos"] == pytest.approx(cos(c @ d, d), abs=1e-6)
-        if r["cos"] < threshold:
-            assert r["projected"] and torch.allclose(m.delta(), c @ d, atol=1e-6)  # delta' = C delta, still a LoRA
-            exact = safelora.projector(m.weight - base[f"{name}.weight"], exact=True)
-            assert torch.allclose(exact @ m.delta(), m.delta(), atol=1e-5)  # it lies in V's column space
-        else:
-            assert not r["projected"] and torch.equal(m.lora_B.weight, B[name])  # untouched
+    check_projection(model, base, views, B, report, [n for n, (c, d) in views.items() if cos(c @ d, d) <= threshold])
 
 
 def test_safelora_exact_projection_is_idempotent(setup, tiny_base):
@@ -560,16 +702,17 @@ def test_safelora_end_task_uses_base_model(setup, tiny_base):
     method = METHODS["safelora"](method_args("safelora", base_model=str(tiny_base), safelora_threshold=1.1))
     method.begin_task(model, task, memory)
     method.end_task(model)
-    assert all(r["projected"] for r in method.report)
+    assert all(r["projected"] for r in method.report()["safelora"])
 
 
 # ----------------------------------------------------------------------------- end to end through train.py
 
 RUNS = {
+    "agem": [],
     "refresh": ["--refresh-inner", "der", "--mem-batch-size", "2"],
     "magmax": ["--magmax-scale", "0.9"],
     "lisa": ["--lisa-align-steps", "1", "--lisa-user-steps", "1"],
-    "safelora": [],
+    "safelora": ["--safelora-layers", "1"],
     "csft": [],
 }
 
@@ -583,6 +726,17 @@ def test_newer_methods_run_through_train(tiny_checkpoint, tiny_base, tmp_path, n
                 "--poison-data", os.path.join(FIX, "instruction.jsonl"), *flags, *FAST])
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == name and 0 <= res["asr"] <= 1 and res["config"]["method"] == name
+    task = res["history"][0]
+    assert all(len(x) == 3 and x[2] > 0 for x in task["losses"])  # (step, loss, the memory probe's loss)
+    if name == "agem":  # one record per optimizer step
+        d = task["diagnostics"]["agem"]
+        assert len(d["steps"]) == task["losses"][-1][0] + 1 and 0 <= d["fired_share"] <= 1
+        assert all(-1 <= s["cos_grad"] <= 1 and -1 <= s["cos_update"] <= 1 and s["memory_loss"] > 0 for s in d["steps"])
+    if name == "safelora":
+        layers = task["diagnostics"]["safelora"]
+        assert sum(l["projected"] for l in layers) == 1 and len(layers) > 1
+        low = min(layers, key=lambda l: l["cos"])
+        assert low["projected"] and 0 < low["kept"] < 1 and all(l["kept"] == 1.0 for l in layers if l is not low)
 
 
 def test_magmax_without_base_model_is_one_line_error(tiny_checkpoint, tmp_path):
