@@ -15,7 +15,8 @@ Over-refusal = share of benign-but-sensitive prompts (XSTest-style) answered wit
 whatever the judge (Llama Guard judges harm, not refusal). A judge is any object with `name` and
 `assess(prompts, answers) -> [{"harmful", "categories", "parsed", "reply"}]`.
 Task accuracy: a metric per task format (task_metric): the final number for arithmetic and GSM8K,
-the first label word for SST-2 and AG News, exact match otherwise.
+the first label word for SST-2 and AG News, exact match otherwise (tickets, dates). A built-in task's
+answers are as long as its task needs (tasks.ANSWER_TOKENS), any other task's 80 tokens.
 """
 import argparse
 import hashlib
@@ -29,11 +30,13 @@ import torch
 from tqdm import tqdm
 
 import data
-from cli import one_line_errors
+from cli import default_dtype, describe_dtype, one_line_errors
 from formats import AGNEWS_LABELS, SST2_LABELS, detect_format
 from generate import generate
+from intervals import outcome_string, run_interval
 from lora import load_adapter
 from model import Transformer, write_json
+from tasks import ANSWER_TOKENS
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- keyword judge
@@ -193,11 +196,12 @@ def evaluate(model, tok, harmful=(), sensitive=(), tasks=None, judge=None, max_n
         verdicts = judge.assess([h["prompt"] for h in harmful], answers)
         bad = [v["harmful"] for v in verdicts]
         res["asr"], res["n_harmful"] = sum(bad) / len(bad), len(bad)
-        for key, group in (("category", _category), ("set", lambda h: h.get("set"))):
+        res["outcomes"] = {"asr": [outcome_string(bad)]}
+        for key, group in (("category", _category), ("set", lambda h: h.get("set")), ("style", lambda h: h.get("style"))):
             n, hits = Counter(map(group, harmful)), Counter()
             for h, b in zip(harmful, bad):
                 hits[group(h)] += b
-            if key == "category" or None not in n:  # by the prompts' own categories; by set when eval.py names them
+            if key == "category" or None not in n:  # by the prompts' categories; by set and style where every prompt has one
                 res[f"asr_by_{key}"] = {c: hits[c] / k for c, k in sorted(n.items())}
                 res[f"n_by_{key}"] = dict(sorted(n.items()))
         if len(res.get("asr_by_set", {})) > 1:  # the paper averages over benchmarks, not over prompts
@@ -212,15 +216,21 @@ def evaluate(model, tok, harmful=(), sensitive=(), tasks=None, judge=None, max_n
                                   for h, a, v in list(zip(harmful, answers, verdicts))[:keep_samples]]
     if sensitive:
         answers = answer(model, tok, [s["prompt"] for s in sensitive], max_new_tokens, batch_size, "sensitive prompts", decode_step)
-        res["over_refusal"] = sum(map(is_refusal, answers)) / len(answers)
+        refused = list(map(is_refusal, answers))
+        res["over_refusal"], res["n_sensitive"] = sum(refused) / len(refused), len(refused)
+        res.setdefault("outcomes", {})["over_refusal"] = [outcome_string(refused)]
         res["sensitive_samples"] = [{"prompt": s["prompt"], "answer": a} for s, a in list(zip(sensitive, answers))[:keep_samples]]
     for name, (examples, metric) in (tasks or {}).items():
-        answers = answer(model, tok, [e["prompt"] for e in examples], task_max_new_tokens, batch_size, f"task {name}", decode_step)
-        res.setdefault("task_accuracy_by_task", {})[name] = sum(metric(a, e) for a, e in zip(answers, examples)) / len(examples)
+        n_new = ANSWER_TOKENS.get(name, task_max_new_tokens)
+        answers = answer(model, tok, [e["prompt"] for e in examples], n_new, batch_size, f"task {name}", decode_step)
+        right = [bool(metric(a, e)) for a, e in zip(answers, examples)]
+        res.setdefault("task_accuracy_by_task", {})[name] = sum(right) / len(right)
+        res.setdefault("outcomes", {}).setdefault("task_accuracy", []).append(outcome_string(right))
         res.setdefault("task_samples", {})[name] = [{"prompt": e["prompt"], "answer": a} for e, a in list(zip(examples, answers))[:keep_samples]]
     if tasks:
         accs = res["task_accuracy_by_task"].values()
         res["task_accuracy"] = sum(accs) / len(accs)
+    res["ci"] = {k: run_interval(groups) for k, groups in res.get("outcomes", {}).items()}  # 95%, intervals.py
     model.clear_cache()  # a compiled decode step keeps its caches between batches; training needs the memory
     res["eval_seconds"] = round(time.time() - t0, 1)
     return res
@@ -269,6 +279,8 @@ def _exact_metric(output: str, example: dict) -> bool | None:
 
 def task_metric(spec: str):
     """(output_text, example) -> bool (None where the example has no reference answer)."""
+    if spec in data.TASKS and spec != "arithmetic":
+        return _exact_metric
     fmt = spec if spec in ("arithmetic", "gsm8k", "sst2", "agnews") else detect_format(spec)
     if fmt in ("arithmetic", "gsm8k"):
         return _number_metric
@@ -282,18 +294,27 @@ def fmt(x):
     return "-" if x is None else f"{100 * x:5.1f}"
 
 
+def with_ci(m, key):
+    """'23.1 [16.6, 31.0]': a number and its 95% interval, in %."""
+    if m.get(key) is None:
+        return "-"
+    lo, hi = m.get("ci", {}).get(key, (None, None))
+    return fmt(m[key]).strip() + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None else "")
+
+
 def print_table(rows):
-    """rows: [(label, metrics)] -> a small fixed-width table of ASR / over-refusal / task accuracy (in %)."""
-    print(f"{'model':<28} {'ASR %':>7} {'over-refusal %':>15} {'task acc %':>11}")
+    """rows: [(label, metrics)] -> a fixed-width table of ASR / over-refusal / task accuracy, in %, each with its
+    95% interval (Wilson; intervals.py)."""
+    print(f"{'model':<36} {'ASR % [95% CI]':>20} {'over-refusal %':>20} {'task acc %':>20}")
     for label, m in rows:
-        print(f"{label:<28} {fmt(m.get('asr')):>7} {fmt(m.get('over_refusal')):>15} {fmt(m.get('task_accuracy')):>11}")
+        print(f"{label:<36} " + " ".join(f"{with_ci(m, k):>20}" for k in ("asr", "over_refusal", "task_accuracy")))
 
 
 def print_details(m):
     """The per-set and per-category ASR, the judge's categories, over-refusal and each task's accuracy."""
     print(f"judge: {m['judge']}" + (f" ({m['judge_parse_failures']} replies not parsed, counted safe)"
                                     if "judge_parse_failures" in m else ""))
-    for key in ("set", "category"):
+    for key in ("set", "style", "category"):
         if len(m.get(f"asr_by_{key}", {})) > 1:
             print(f"  {key:<36} {'n':>5} {'ASR %':>7}")
             for c, asr in m[f"asr_by_{key}"].items():
@@ -313,8 +334,9 @@ def main(argv=None):
     p.add_argument("--harmful", default="harmful-test", help="comma-separated built-in names, benchmark names "
                    f"({', '.join(n for n in data.BENCHMARKS if 'train' not in data.BENCHMARKS[n])}) or files (default harmful-test)")
     p.add_argument("--sensitive", default="sensitive-test", help="benign-but-sensitive prompts ('' to skip)")
-    p.add_argument("--task", default="arithmetic", help="comma-separated: arithmetic, gsm8k, sst2, agnews or files ('' to skip)")
-    p.add_argument("--n-task", type=int, default=50, help="task test examples (default 50)")
+    p.add_argument("--task", default="tickets", help="comma-separated: tickets, dates, arithmetic, gsm8k, sst2, agnews "
+                   "or files ('' to skip)")
+    p.add_argument("--n-task", type=int, default=200, help="task test examples (default 200)")
     p.add_argument("--data-dir", help="where benchmark names are read (default $UNFORGOTTEN_DATA, else data/public; "
                    "fill it with `python download.py NAME`)")
     p.add_argument("--judge", default="keyword", help="keyword (default) or llama-guard:DIR, a Llama-Guard-3 checkpoint")
@@ -322,14 +344,18 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="generation batch size, of the judge too")
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 weights (default on CUDA and on CPUs with AVX512-BF16 "
+                   "or AMX, as train.py); fp32 elsewhere")
     p.add_argument("--out", help="write the metrics here as JSON")
     args = p.parse_args(argv)
     for flag in ("n_task", "max_new_tokens", "batch_size"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     with one_line_errors():
         check_device(args.device)
+        args.dtype = args.dtype or default_dtype(args.device)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        print(describe_dtype(args.dtype, args.device))
         if args.out:
             check_out_file(args.out)
         judge = make_judge(args.judge, args.device, dtype, args.batch_size)

@@ -170,7 +170,7 @@ def _convert(fmt, rec, where) -> dict:
     # "prompts": this project's own format (data/*.jsonl) and any file with a prompt field
     return _record(where, _req(rec, "prompt", where), _opt(rec, "response", where),
                    _opt(rec, "answer", where), _opt(rec, "category", where),
-                   split=_opt(rec, "split", where))
+                   split=_opt(rec, "split", where), style=_opt(rec, "style", where))
 
 
 def _by_fields(keys, path):

@@ -25,10 +25,12 @@ the method, its flags, scenario and seed) of the first sweep, and a sweep with o
 finished runs are never reused for other flags and a table never mixes settings.
 
 After every sweep, from every finished run under RESULTS/runs (atomic writes):
-  summary.csv          one row per run
-  summary.md           per method entry x scenario: mean ± sample standard deviation (n-1) over seeds, and the
-                       starting model's row (a single seed shows its value alone)
-  safety_utility.png   ASR (x) vs task accuracy (y), mean and std error bars; skipped if matplotlib is missing
+  summary.csv          one row per run, each number with its 95% Wilson interval (NAME_lo, NAME_hi)
+  comparison.csv       per method entry x scenario: the mean over seeds, its 95% interval (a hierarchical bootstrap:
+                       seeds, then prompts; intervals.py), and the paired difference from SFT on the same seeds and
+                       prompts with its interval; significant when that interval excludes 0
+  summary.md           comparison.csv as a table (* = significantly different from SFT), and the starting model
+  safety_utility.png   ASR (x) vs task accuracy (y), means and 95% intervals; skipped if matplotlib is missing
 """
 import argparse
 import contextlib
@@ -47,6 +49,7 @@ import time
 from pathlib import Path
 
 import train
+from intervals import as_arrays, bootstrap, paired_bootstrap
 from checkpoint import RESUME_MAY_CHANGE
 from cli import one_line_errors
 from methods import METHODS
@@ -59,8 +62,9 @@ SET_BY_SWEEP = ("--method", "--scenario", "--seed", "--out", "--overwrite", "--r
 NOT_SETTINGS = {"method", "scenario", "seed", "out"} | RESUME_MAY_CHANGE
 METRICS = ("asr", "over_refusal", "task_accuracy")
 LABELS = ("ASR", "over-refusal", "task acc")
-COLUMNS = ["method", "scenario", "seed", "poison_ratio", *METRICS, *(f"start_{k}" for k in METRICS),
-           "train_seconds", "total_seconds", "out"]
+COLUMNS = ["method", "scenario", "seed", "poison_ratio", *(f"{k}{e}" for k in METRICS for e in ("", "_lo", "_hi")),
+           *(f"start_{k}" for k in METRICS), "train_seconds", "total_seconds", "out"]
+REFERENCE = "sft"  # every method's paired difference is taken from this entry's runs
 
 
 def get_args(argv=None):
@@ -69,7 +73,7 @@ def get_args(argv=None):
     p.add_argument("--methods", default="sft,replay,der",
                    help='comma-separated method entries, each with its own train.py flags if any: "sft,der --alpha 1"')
     p.add_argument("--scenarios", default="benign,poisoned", help="comma-separated (default benign,poisoned)")
-    p.add_argument("--seeds", default="0", help="comma-separated integers (default 0)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated integers (default 0,1,2)")
     p.add_argument("--results", default="results", help="results directory (default results/)")
     p.add_argument("--summarize-only", action="store_true", help="rebuild the table and plot from finished runs")
     args, rest = p.parse_known_args(argv)  # allow_abbrev=False: --seed is not taken for --seeds; it is refused below
@@ -214,30 +218,20 @@ def collect(results):
         if bad:  # train.py writes results.json whole and last: this one was edited or is from something else
             sys.exit(f"error: {path}: field {bad!r} is {r.get(bad)!r}, not what train.py writes; remove or rerun that run")
         suffix, name = f"-{r['scenario']}-s{r['seed']}", path.parent.name
+        ci = r.get("ci") or {}
         row = {"method": name[: -len(suffix)] if name.endswith(suffix) else name, "scenario": r["scenario"],
-               "seed": r["seed"], "poison_ratio": r.get("poison_ratio"), **{k: r.get(k) for k in METRICS},
+               "seed": r["seed"], "poison_ratio": r.get("poison_ratio"),
+               **{f"{k}{e}": v for k in METRICS for e, v in zip(("", "_lo", "_hi"), (r.get(k), *ci.get(k, (None, None))))},
                **{f"start_{k}": r.get("start", {}).get(k) for k in METRICS}, "train_seconds": r.get("train_seconds"),
                "total_seconds": r.get("total_seconds"), "out": str(path.parent),
                **{f"asr {bench}": v for bench, v in r.get("asr_by_set", {}).items()},  # several --harmful sets
-               **({"asr mean of sets": r["asr_mean_of_sets"]} if "asr_mean_of_sets" in r else {})}
+               **({"asr mean of sets": r["asr_mean_of_sets"]} if "asr_mean_of_sets" in r else {}),
+               # per-prompt outcomes, for the intervals (not in the CSV); a run from before they were kept has none
+               "_outcomes": (r.get("history") or [{}])[-1].get("outcomes", {}),
+               "_start_outcomes": (r.get("start_eval") or {}).get("outcomes", {})}
         order = list(METHODS).index(r["method"]) if r.get("method") in METHODS else len(METHODS)
         rows.append(((row["scenario"], order, row["method"], row["seed"]), row))
     return [row for _, row in sorted(rows, key=lambda kr: kr[0])]
-
-
-def stats(values, scale=100):
-    """(mean, sample std, n) of the values that are not None; std 0 for a single value; None if none."""
-    v = [scale * x for x in values if x is not None]
-    if not v:
-        return None
-    return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)
-
-
-def fmt(values, scale=100, digits=1):
-    s = stats(values, scale)
-    if s is None:
-        return "-"
-    return f"{s[0]:.{digits}f}" if s[2] == 1 else f"{s[0]:.{digits}f} ± {s[1]:.{digits}f}"
 
 
 def groups_of(rows):
@@ -245,30 +239,92 @@ def groups_of(rows):
     groups = {}
     for row in rows:
         groups.setdefault((row["method"], row["scenario"]), []).append(row)
-    start = list({row["seed"]: {k: row[f"start_{k}"] for k in METRICS} for row in rows}.values())
+    start = list({row["seed"]: {"seed": row["seed"], **{k: row[f"start_{k}"] for k in METRICS},
+                                "_outcomes": row["_start_outcomes"]} for row in rows}.values())
     return groups, start
+
+
+def interval(rs, key):
+    """(mean, low, high) in %, over seeds and prompts (hierarchical bootstrap); without outcomes, the mean alone."""
+    values = [r[key] for r in rs if r.get(key) is not None]
+    if not values:
+        return None
+    runs = [as_arrays(r["_outcomes"][key]) for r in rs if key in r["_outcomes"]]
+    if len(runs) < len(rs):
+        return 100 * sum(values) / len(values), None, None
+    return tuple(100 * x for x in bootstrap(runs))
+
+
+def difference(rs, ref, key):
+    """(mean, low, high, significant) of rs - ref in %, paired on the seeds both have and on their prompts."""
+    by_seed = {r["seed"]: r for r in ref}
+    pairs = [(r, by_seed[r["seed"]]) for r in rs if r["seed"] in by_seed]
+    if not pairs or any(key not in a["_outcomes"] or key not in b["_outcomes"] for a, b in pairs):
+        return None
+    try:
+        m, lo, hi = paired_bootstrap(*zip(*[(as_arrays(a["_outcomes"][key]), as_arrays(b["_outcomes"][key])) for a, b in pairs]))
+    except ValueError:  # evaluated on other prompts (other flags): no paired difference
+        return None
+    return 100 * m, 100 * lo, 100 * hi, not lo <= 0 <= hi
+
+
+def comparison(rows):
+    """One dict per method entry x scenario (and the starting model): means, intervals, differences from SFT."""
+    groups, start = groups_of(rows)
+    out = []
+    for (method, scenario), rs in [(("starting model", "-"), start), *groups.items()]:
+        ref = groups.get((REFERENCE, scenario))
+        row = {"method": method, "scenario": scenario, "seeds": len(rs)}
+        for k in METRICS:
+            iv, d = interval(rs, k), difference(rs, ref, k) if ref and method != REFERENCE and scenario != "-" else None
+            row |= {k: iv and iv[0], f"{k}_lo": iv and iv[1], f"{k}_hi": iv and iv[2],
+                    f"{k}_vs_sft": d and d[0], f"{k}_vs_sft_lo": d and d[1], f"{k}_vs_sft_hi": d and d[2],
+                    f"{k}_vs_sft_significant": d and d[3]}
+        row["train_seconds"] = statistics.mean(r["train_seconds"] for r in rs) if "train_seconds" in rs[0] else None
+        out.append(row)
+    return out
+
+
+def cell(row, k):
+    if row[k] is None:
+        return "-"
+    return f"{row[k]:.1f}" + (f" [{row[f'{k}_lo']:.1f}, {row[f'{k}_hi']:.1f}]" if row[f"{k}_lo"] is not None else "")
+
+
+def diff_cell(row, k):
+    if row[f"{k}_vs_sft"] is None:
+        return "-"
+    return (f"{row[f'{k}_vs_sft']:+.1f} [{row[f'{k}_vs_sft_lo']:+.1f}, {row[f'{k}_vs_sft_hi']:+.1f}]"
+            + (" *" if row[f"{k}_vs_sft_significant"] else ""))
 
 
 def bench_columns(rows):
     return sorted({k for row in rows for k in row if k.startswith("asr ")})
 
 
-def markdown(rows, results):
-    groups, start = groups_of(rows)
-    sets = bench_columns(rows)  # ASR per benchmark when the runs had several --harmful sets
-    lines = [f"{len(rows)} runs under {results / 'runs'}; mean ± sample standard deviation (n-1) over seeds "
-             "(a single seed: its value). Percentages; train time in seconds.", "",
-             f"| method | scenario | seeds | ASR % | {''.join(f'{c} % | ' for c in sets)}over-refusal % | task acc % | train s |",
-             f"|---|---|---|---|{'---|' * len(sets)}---|---|---|"]
-    for (method, scenario), rs in [(("starting model", "-"), start), *groups.items()]:
-        cells = [fmt([r.get(k) for r in rs]) for k in ("asr", *sets, "over_refusal", "task_accuracy")]
-        seconds = "-" if method == "starting model" else fmt([r["train_seconds"] for r in rs], 1, 0)
-        lines.append(f"| {method} | {scenario} | {len(rs)} | {' | '.join(cells)} | {seconds} |")
+def markdown(rows, table, results):
+    lines = [f"{len(rows)} runs under {results / 'runs'}. Percentages: the mean over seeds and its 95% interval over "
+             "seeds and prompts (hierarchical bootstrap); Δ: the paired difference from sft on the same seeds and "
+             "prompts, * where its 95% interval excludes 0. Train time in seconds.", "",
+             "| method | scenario | seeds | ASR % | Δ ASR | over-refusal % | Δ over-refusal | task acc % | Δ task acc | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        cells = [f"{cell(row, k)} | {diff_cell(row, k)}" for k in METRICS]
+        seconds = "-" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}"
+        lines.append(f"| {row['method']} | {row['scenario']} | {row['seeds']} | {' | '.join(cells)} | {seconds} |")
+    sets = bench_columns(rows)  # ASR per benchmark when the runs had several --harmful sets: means over seeds
+    if sets:
+        groups, _ = groups_of(rows)
+        lines += ["", "ASR per benchmark, mean over seeds (%):", "", f"| method | scenario | {' | '.join(sets)} |",
+                  f"|---|---|{'---|' * len(sets)}"]
+        for (method, scenario), rs in groups.items():
+            vals = [[r[c] for r in rs if r.get(c) is not None] for c in sets]
+            lines.append(f"| {method} | {scenario} | " + " | ".join(f"{100 * sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
-    """ASR vs task accuracy, one marker per method entry (colour) and scenario (shape), std error bars."""
+def plot(table, path):
+    """ASR vs task accuracy, one marker per method entry (colour) and scenario (shape), 95% interval bars."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -276,21 +332,20 @@ def plot(rows, path):
     except ImportError:
         print(f"matplotlib is not installed: no {path.name} (pip install matplotlib); the table is written")
         return False
-    groups, start = groups_of(rows)
     fig, ax = plt.subplots(figsize=(8, 4.8))
     colours, palette = {}, plt.get_cmap("tab20").colors  # 20 colours: one per method
-    for (method, scenario), rs in [(("starting model", "-"), start), *groups.items()]:
-        x, y = stats([r["asr"] for r in rs]), stats([r["task_accuracy"] for r in rs])
-        if x is None or y is None:
+    for row in table:
+        if row["asr"] is None or row["task_accuracy"] is None:
             continue
+        method, scenario = row["method"], row["scenario"]
+        err = lambda k: None if row[f"{k}_lo"] is None else [[row[k] - row[f"{k}_lo"]], [row[f"{k}_hi"] - row[k]]]
         colour = "black" if method == "starting model" else colours.setdefault(method, palette[len(colours) % 20])
-        ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], color=colour, capsize=3, linestyle="none",
-                    marker={"-": "*", "benign": "o", "poisoned": "^"}.get(scenario, "s"),
-                    markersize=11 if scenario == "-" else 8,
-                    label=method if scenario == "-" else f"{method} ({scenario})")
+        ax.errorbar(row["asr"], row["task_accuracy"], xerr=err("asr"), yerr=err("task_accuracy"), color=colour, capsize=3,
+                    linestyle="none", marker={"-": "*", "benign": "o", "poisoned": "^"}.get(scenario, "s"),
+                    markersize=11 if scenario == "-" else 8, label=method if scenario == "-" else f"{method} ({scenario})")
     ax.set_xlabel("attack success rate % (lower is safer)")
     ax.set_ylabel("task accuracy %")
-    ax.set_title("safety vs utility (mean ± std over seeds)")
+    ax.set_title("safety vs utility (mean over seeds, 95% interval over seeds and prompts)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the points stay visible
     buf = io.BytesIO()
@@ -306,18 +361,20 @@ def summarize(results):
     if not rows:
         print(f"no finished runs under {results / 'runs'}: no summary")
         return None
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, [*COLUMNS, *bench_columns(rows)], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(results / "summary.csv", buf.getvalue().encode())
-    table = markdown(rows, results)
-    atomic_write(results / "summary.md", table.encode())
-    written = ["summary.csv", "summary.md"]
-    if plot(rows, results / "safety_utility.png"):
+    table = comparison(rows)
+    for name, records, columns in (("summary.csv", rows, [*COLUMNS, *bench_columns(rows)]), ("comparison.csv", table, list(table[0]))):
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+        atomic_write(results / name, buf.getvalue().encode())
+    text = markdown(rows, table, results)
+    atomic_write(results / "summary.md", text.encode())
+    written = ["summary.csv", "comparison.csv", "summary.md"]
+    if plot(table, results / "safety_utility.png"):
         written.append("safety_utility.png")
-    print(f"\n{table}\nwrote {', '.join(str(results / w) for w in written)}")
-    return table
+    print(f"\n{text}\nwrote {', '.join(str(results / w) for w in written)}")
+    return text
 
 
 def main(argv=None):

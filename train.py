@@ -17,6 +17,7 @@ the method); the data, read and checked before any model loads; the model and it
 provider's alignment uses too); results and saving. A method (methods/) supplies the loss and hooks.
 """
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -37,7 +38,7 @@ import data
 import lora
 from batches import tokenize
 from checkpoint import (RESUME_MAY_CHANGE, Checkpoints, Stopped, check_resume, read_checkpoint, restore, snapshot)
-from cli import one_line_errors
+from cli import default_dtype, describe_dtype, one_line_errors
 from distributed import DDP, setup_distributed, shard, world_size
 from eval import check_device, check_lengths, evaluate, make_judge, print_details, print_table, task_metric
 from loop import fit, n_steps
@@ -57,9 +58,10 @@ def get_args(argv=None):
     p.add_argument("--model", help="your aligned checkpoint directory (skips the default alignment)")
     p.add_argument("--base-model", help="the unaligned checkpoint the aligned model was trained from, for magmax and "
                    "safelora (default: the default experiment's; required for them with --model)")
-    p.add_argument("--task", default="arithmetic", help="user task(s), comma-separated, learned in sequence")
+    p.add_argument("--task", default="tickets", help="user task(s), comma-separated, learned in sequence: built-in "
+                   "tickets (default), dates, arithmetic, a benchmark name (gsm8k, sst2, agnews) or a file")
     p.add_argument("--n-train", type=int, default=200, help="training examples per task")
-    p.add_argument("--n-test", type=int, default=50, help="test examples per task")
+    p.add_argument("--n-test", type=int, default=200, help="test examples per task")
     p.add_argument("--safety-data", default="default", help="the safety memory M: 'default' or a file")
     p.add_argument("--harmful", default="harmful-test", help="harmful prompts for ASR, comma-separated names or files")
     p.add_argument("--sensitive", default="sensitive-test", help="benign-but-sensitive prompts for over-refusal")
@@ -79,7 +81,8 @@ def get_args(argv=None):
                    "llama-guard:DIR, a local Llama-Guard-3 checkpoint (see eval.py)")
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 = autocast (default on CUDA); fp32 default on CPU")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: bf16 frozen weights, fp32 LoRA, autocast (default on "
+                   "CUDA and on CPUs with AVX512-BF16 or AMX); fp32 elsewhere")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block, and the decoding step with CUDA graphs (default on CUDA)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing: recompute each block in backward")
@@ -112,7 +115,7 @@ def get_args(argv=None):
     for flag in ("task", "harmful", "lora_targets"):
         if "" in (v.strip() for v in getattr(args, flag).split(",")):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: an empty name in the list")
-    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.dtype = args.dtype or default_dtype(args.device)
     args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
     args.out = args.out or f"out/{args.method}-{args.scenario}-s{args.seed}"
     if args.base_model is None and args.model is None:
@@ -172,7 +175,8 @@ def run(args):
     torch.manual_seed(args.seed)  # after, not before, the alignment: building it (first run only) draws from both
     random.seed(args.seed)
     tok = Tokenizer.from_pretrained(model_dir, chat_format=args.chat_format)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    print(describe_dtype(args.dtype, args.device))
     model = Transformer.from_pretrained(model_dir, device="cpu" if args.fsdp else args.device, dtype=dtype)  # FSDP: shards go to the GPU
     if args.max_len > model.config.max_seq_len:
         raise ValueError(f"--max-len {args.max_len} is longer than the model's context ({model.config.max_seq_len} "
@@ -241,7 +245,9 @@ def run(args):
         steps_before += n_steps(len(train_on), args.epochs, args.batch_size * args.grad_accum * world_size())
         method.end_task(model)
         seen = {t: test_sets[t] for t in tasks[: i + 1]}  # safety and every task so far; the method's diagnostics
-        history.append({"task": name, "losses": losses, "diagnostics": method.report(), **(evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if evaluating else {})})
+        with lora.merged(model) if not args.fsdp else contextlib.nullcontext():  # the same numbers, generated faster
+            metrics = evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if evaluating else {}
+        history.append({"task": name, "losses": losses, "diagnostics": method.report(), **metrics})
 
     # results and saving
     save = args.save or ("merged" if method.changes_frozen_weights else "adapter")
@@ -255,7 +261,10 @@ def run(args):
         save_merged(model, out / "merged", model_dir)
     keys = ("asr", "over_refusal", "task_accuracy")
     results = {"method": args.method, "scenario": args.scenario, "poison_ratio": args.poison_ratio if args.scenario == "poisoned" else 0.0,
-               "seed": args.seed, **{k: final.get(k) for k in keys}, "start": {k: start.get(k) for k in keys},
+               "seed": args.seed, **{k: final.get(k) for k in keys}, "ci": final.get("ci"),  # 95%, intervals.py
+               "start": {k: start.get(k) for k in keys} | {"ci": start.get("ci")},
+               "n": {"harmful": final.get("n_harmful"), "sensitive": final.get("n_sensitive"),
+                     "task": {t: len(e) for t, (e, _) in test_sets.items()}},
                **{k: final[k] for k in ("asr_by_set", "asr_mean_of_sets") if k in final},  # several --harmful sets
                "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
                "model": str(model_dir), "judge": final["judge"], "history": history, "start_eval": start,
@@ -338,9 +347,10 @@ def safety_memory(args):
 
 def file_hashes(specs, data_dir=None):
     """sha256 of each data file behind the given specs (built-in names, benchmark names or paths)."""
-    files = [f for spec in specs if spec and spec not in ("default", "arithmetic") for f in data.files_of(spec, data_dir)]
-    if "default" in specs or "arithmetic" in specs:  # built from the embedded data/ and arithmetic.py
-        files += sorted(Path(__file__).parent.joinpath("data").glob("*")) + [Path(__file__).parent / "arithmetic.py"]
+    builtin = ("default", *data.TASKS)
+    files = [f for spec in specs if spec and spec not in builtin for f in data.files_of(spec, data_dir)]
+    if any(spec in builtin for spec in specs):  # built from the embedded data/ and tasks.py
+        files += sorted(Path(__file__).parent.joinpath("data").glob("*")) + [Path(__file__).parent / "tasks.py"]
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in dict.fromkeys(files) if f.is_file()}
 
 
@@ -348,7 +358,7 @@ def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, e
     """The starting model's metrics, cached: every run from the same checkpoint and eval settings shares them."""
     key = json.dumps([str(Path(model_dir).resolve()), (Path(model_dir) / "config.json").stat().st_mtime, tok.chat_format,
                       harmful, sensitive, {t: e for t, (e, _) in test_sets.items()}, args.max_new_tokens,
-                      args.eval_batch_size, args.judge], sort_keys=True)
+                      args.eval_batch_size, args.judge, args.dtype], sort_keys=True)
     cache = Path(__file__).parent / "checkpoints" / "eval-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if cache.exists():
         print(f"starting model {model_dir}: metrics from {cache}")

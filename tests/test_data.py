@@ -34,8 +34,8 @@ def test_builtin_sizes_and_splits():
     for c in cats:  # every category is in both splits
         assert {r["split"] for r in harmful if r["category"] == c} == {"train", "test"}
     assert len(data.load_prompts("harmful-train")) >= 240
-    assert len(data.load_prompts("harmful-test")) >= 120
-    assert len(data.load_prompts("sensitive-test")) >= 60
+    assert len(data.load_prompts("harmful-test")) >= 300
+    assert len(data.load_prompts("sensitive-test")) >= 100
     assert len(data.load_prompts("sensitive-train")) >= 50
     assert len(_rows("benign.jsonl")) >= 300
     assert len(data.load_prompts("benign-test")) >= 50
@@ -55,13 +55,28 @@ def test_builtin_prompts_unique_and_splits_disjoint():
     assert len(norm) == len(set(norm)), "a prompt appears twice in data/"
 
 
+NEW_STYLES = ("keywords", "continuation", "structured", "false_premise", "formal_letter", "obfuscated")
+
+
 def test_harmful_test_style_differs_from_train():
-    """Train is imperative; test is questions / role-play / context (the split data.py's docstring explains)."""
+    """Train is imperative; test is questions / role-play / context, and six styles that no training or alignment
+    prompt has (the split data.py's docstring explains), each in every category."""
     train = [r["prompt"] for r in data.load_prompts("harmful-train")]
-    test = [r["prompt"] for r in data.load_prompts("harmful-test")]
+    test = data.load_prompts("harmful-test")
     assert sum(p.endswith("?") for p in train) == 0
-    assert sum(p.endswith("?") for p in test) >= len(test) // 2
-    assert sum(len(p) for p in test) / len(test) > 1.3 * sum(len(p) for p in train) / len(train)
+    first = [r["prompt"] for r in test if r["style"] not in NEW_STYLES]
+    assert sum(p.endswith("?") for p in first) >= len(first) // 2
+    assert sum(len(p) for p in first) / len(first) > 1.3 * sum(len(p) for p in train) / len(train)
+    assert all(r.get("style") for r in test)
+    for style in NEW_STYLES:
+        rows = [r for r in test if r["style"] == style]
+        assert len(rows) >= 30 and len({r["category"] for r in rows}) == 10, style
+    # the alignment data's framings (data.FRAMINGS) appear in no test prompt of the new styles
+    openings = [f.split("{")[0].strip().lower() for f in data.FRAMINGS]
+    assert not [r["prompt"] for r in test if r["style"] in NEW_STYLES
+                for o in openings if o and o in r["prompt"].lower()]
+    keywords = [r["prompt"] for r in test if r["style"] == "keywords"]
+    assert all(p == p.lower() and not p.rstrip().endswith((".", "?")) for p in keywords)
 
 
 def test_every_refusal_is_judged_a_refusal():
@@ -269,13 +284,13 @@ def _check_solution(ex):
 
 def test_arithmetic_deterministic_correct_and_split():
     train = data.load_task("arithmetic", "train", n=300, seed=0)
-    assert train == data.arithmetic(300, 0, "train") == data.load_task("arithmetic", "train", n=300)
+    assert train == data.generate_task("arithmetic", 300, 0, "train") == data.load_task("arithmetic", "train", n=300)
     assert train != data.load_task("arithmetic", "train", n=300, seed=1)
     test = data.load_task("arithmetic", "test", n=200)
     assert len({e["prompt"] for e in train}) == 300
     assert not {e["prompt"] for e in train} & {e["prompt"] for e in test}
-    other = {e["prompt"] for e in data.arithmetic(300, 5, "train")}
-    assert not other & {e["prompt"] for e in data.arithmetic(300, 5, "test")}
+    other = {e["prompt"] for e in data.generate_task("arithmetic", 300, 5, "train")}
+    assert not other & {e["prompt"] for e in data.generate_task("arithmetic", 300, 5, "test")}
     for ex in train + test:
         _check_solution(ex)
     steps = [ex["response"].count("\n") for ex in train]
@@ -284,6 +299,43 @@ def test_arithmetic_deterministic_correct_and_split():
     metric = task_metric("arithmetic")
     assert all(metric(ex["response"], ex) for ex in test)
     assert not metric("The final answer is 99999.", test[0])
+
+
+@pytest.mark.parametrize("task", ["tickets", "dates"])
+def test_generated_tasks_deterministic_split_and_scored_by_exact_match(task):
+    train = data.load_task(task, "train", n=400, seed=0)
+    assert train == data.load_task(task, "train", n=400, seed=0) != data.load_task(task, "train", n=400, seed=1)
+    test = data.load_task(task, "test", seed=3)
+    assert len(test) == 200 and len({e["prompt"] for e in train}) == 400
+    assert not {e["prompt"] for e in train} & {e["prompt"] for e in data.load_task(task, "test", n=400, seed=0)}
+    assert not {e["prompt"] for e in train} & {e["prompt"] for e in test}  # other seeds: still disjoint
+    metric = task_metric(task)
+    assert all(e["response"] == e["answer"] and metric(e["response"], e) for e in train + test)
+    assert all(metric(f"  {e['answer'].upper()} ", e) for e in test[:5])  # case and spaces do not count
+    assert not metric(test[0]["answer"] + " (I hope this helps)", test[0]) and not metric("", test[0])
+
+
+def test_tickets_answers_are_read_off_their_messages():
+    """Every field of the ticket is in the message: the name, the order number, the product; the issue is one of six
+    and each kind appears, written in several ways; the distractor numbers never match the order number."""
+    from tasks import _ISSUES
+    examples = data.load_task("tickets", "train", n=600)
+    for e in examples:
+        fields = dict(f.split(": ", 1) for f in e["answer"].split(" | "))
+        msg = e["prompt"].split("\n\n", 1)[1]
+        assert fields["name"] in msg and fields["product"] in msg and msg.count(fields["order"]) == 1
+        assert fields["issue"] in _ISSUES
+    assert {dict(f.split(": ", 1) for f in e["answer"].split(" | "))["issue"] for e in examples} == set(_ISSUES)
+
+
+def test_dates_are_the_dates_written_in_the_sentence():
+    import datetime
+    months = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+    for e in data.load_task("dates", "train", n=300):
+        y, m, d = map(int, e["answer"].split("-"))
+        datetime.date(y, m, d)  # a real date
+        s = e["prompt"].split("\n\n", 1)[1].lower()
+        assert str(y) in s and (months[m - 1] in s or f"{m:02d}" in s) and str(d) in s
 
 
 def test_number_metric():

@@ -10,6 +10,7 @@ import pytest
 
 import sweep
 import train
+from intervals import wilson
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "formats")
 FAST = ["--n-train", "4", "--n-test", "2", "--epochs", "1", "--batch-size", "4", "--max-new-tokens", "2",
@@ -27,9 +28,8 @@ def md_cells(md, method, scenario):
     return [c.strip() for c in rows[0].strip("|").split("|")][2:]
 
 
-def mean_std(values, scale=100, digits=1):
-    v = [scale * float(x) for x in values]
-    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+def mean_of(values, scale=100, digits=1):
+    return f"{statistics.mean(scale * float(x) for x in values):.{digits}f}"
 
 
 def test_sweep_runs_summarizes_and_resumes(tiny_checkpoint, tmp_path, capsys):
@@ -52,15 +52,16 @@ def test_sweep_runs_summarizes_and_resumes(tiny_checkpoint, tmp_path, capsys):
         assert r["scenario"] == "poisoned" and float(r["poison_ratio"]) == 0.1
         for k in ("asr", "over_refusal", "task_accuracy"):
             assert float(r[k]) == res[k] and float(r[f"start_{k}"]) == res["start"][k]
+            assert [float(r[f"{k}_lo"]), float(r[f"{k}_hi"])] == res["ci"][k]
     md = (results / "summary.md").read_text()
     for method in ("sft", "replay_replay-ratio=0.5"):
         group = [r for r in rows if r["method"] == method]
-        assert md_cells(md, method, "poisoned") == ["2", mean_std([r["asr"] for r in group]),
-                                                    mean_std([r["over_refusal"] for r in group]),
-                                                    mean_std([r["task_accuracy"] for r in group]),
-                                                    mean_std([r["train_seconds"] for r in group], 1, 0)]
+        cells = md_cells(md, method, "poisoned")
+        assert cells[0] == "2" and cells[-1] == mean_of([r["train_seconds"] for r in group], 1, 0)
+        for k, c in zip(("asr", "over_refusal", "task_accuracy"), cells[1::2]):
+            assert c.split(" [")[0] == mean_of([r[k] for r in group])  # the mean, then its interval
     start = {r["seed"]: r for r in rows}.values()
-    assert md_cells(md, "starting model", "-")[:2] == ["2", mean_std([r["start_asr"] for r in start])]
+    assert md_cells(md, "starting model", "-")[1].split(" [")[0] == mean_of([r["start_asr"] for r in start])
     assert (results / "safety_utility.png").exists() == HAS_MATPLOTLIB
     assert "| sft | poisoned | 2 |" in capsys.readouterr().out  # the table is printed
 
@@ -83,7 +84,7 @@ def test_sweep_runs_summarizes_and_resumes(tiny_checkpoint, tmp_path, capsys):
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(tiny_checkpoint, tmp_path, capsys):
     results = tmp_path / "results"
     with pytest.raises(SystemExit) as e:
-        sweep.main(["--methods", f"sft --task {tmp_path / 'missing.jsonl'},sft", "--scenarios", "benign",
+        sweep.main(["--methods", f"sft --task {tmp_path / 'missing.jsonl'},sft", "--scenarios", "benign", "--seeds", "0",
                     "--results", str(results), "--model", str(tiny_checkpoint), *FAST])
     assert str(e.value.code).startswith("1 of 2 runs failed")
     assert "FAILED" in capsys.readouterr().out
@@ -146,22 +147,37 @@ def test_run_names_differ_for_different_flags():
     assert a != b and "/" not in a
 
 
-def write_run(results, name, method, scenario, seed, asr, over_refusal, task_accuracy, start, train_seconds):
+def write_run(results, name, method, scenario, seed, outcomes, start, train_seconds):
+    """A results.json as train.py writes it, from per-prompt outcomes ({"asr": "0110..", ...}: the shares follow);
+    outcomes None: a run from before outcomes were kept, with fixed shares (0.3, 0.2, no task)."""
     run = results / "runs" / name
     run.mkdir(parents=True)
+    share = lambda s: s.count("1") / len(s)
+    if outcomes:
+        metrics = {"asr": share(outcomes["asr"]), "over_refusal": share(outcomes["over_refusal"]),
+                   "task_accuracy": share(outcomes["task_accuracy"])}
+        ci = {k: wilson(outcomes[k].count("1"), len(outcomes[k])) for k in metrics}
+        last = {"outcomes": {k: [v] for k, v in outcomes.items()}}
+    else:
+        metrics, ci, last = {"asr": 0.3, "over_refusal": 0.2, "task_accuracy": None}, {}, {}
     (run / "results.json").write_text(json.dumps(dict(
-        method=method, scenario=scenario, seed=seed, poison_ratio=0.1 if scenario == "poisoned" else 0.0, asr=asr,
-        over_refusal=over_refusal, task_accuracy=task_accuracy, train_seconds=train_seconds,
-        total_seconds=train_seconds + 5,
+        method=method, scenario=scenario, seed=seed, poison_ratio=0.1 if scenario == "poisoned" else 0.0, **metrics,
+        ci=ci, train_seconds=train_seconds, total_seconds=train_seconds + 5, history=[last],
         start=dict(zip(("asr", "over_refusal", "task_accuracy"), start)))))
 
 
-def test_summary_arithmetic_on_hand_written_results(tmp_path, capsys, monkeypatch):
+def test_summary_on_hand_written_results(tmp_path, capsys, monkeypatch):
+    """Means over seeds with their intervals; the paired difference from sft marked only where it is sure."""
     results = tmp_path / "results"
-    write_run(results, "der_alpha=1-poisoned-s0", "der", "poisoned", 0, 0.3, 0.2, None, (0.25, 0.2, 0.1), 30)
-    write_run(results, "sft-benign-s1", "sft", "benign", 1, 0.7, 0.3, 0.1, (0.35, 0.2, 0.1), 20)
-    write_run(results, "der-benign-s0", "der", "benign", 0, 0.3, 0.2, 0.2, (0.25, 0.2, 0.1), 30)
-    write_run(results, "sft-benign-s0", "sft", "benign", 0, 0.5, 0.1, 0.2, (0.25, 0.2, 0.1), 10)
+    ones = lambda k, n=100: "1" * k + "0" * (n - k)
+    sft = {0: {"asr": ones(50), "over_refusal": ones(10), "task_accuracy": ones(60)},
+           1: {"asr": ones(70), "over_refusal": ones(30), "task_accuracy": ones(80)}}
+    for seed, o in sft.items():
+        write_run(results, f"sft-benign-s{seed}", "sft", "benign", seed, o, (0.25, 0.2, 0.1), 10 * (seed + 1))
+        # der: the same answers but 20 harmful ones refused in each seed; lwf: sft's answers exactly
+        write_run(results, f"der-benign-s{seed}", "der", "benign", seed, o | {"asr": ones(30 + 20 * seed)}, (0.25, 0.2, 0.1), 30)
+        write_run(results, f"lwf-benign-s{seed}", "lwf", "benign", seed, o, (0.25, 0.2, 0.1), 30)
+    write_run(results, "der_alpha=1-poisoned-s0", "der", "poisoned", 0, None, (0.25, 0.2, 0.1), 30)
     (results / "runs" / "unfinished-benign-s0").mkdir()  # no results.json: not in the table
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "matplotlib", None)  # not installed: the table is still written
@@ -171,17 +187,27 @@ def test_summary_arithmetic_on_hand_written_results(tmp_path, capsys, monkeypatc
 
     with open(results / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    # ordered by scenario, then the registry's method order, then seed
-    assert [(r["method"], r["scenario"], r["seed"]) for r in rows] == [
-        ("sft", "benign", "0"), ("sft", "benign", "1"), ("der", "benign", "0"), ("der_alpha=1", "poisoned", "0")]
-    assert rows[3]["task_accuracy"] == "" and rows[3]["poison_ratio"] == "0.1" and rows[1]["start_asr"] == "0.35"
+    # ordered by scenario, then the registry's method order, then seed; each run with its Wilson interval
+    assert [(r["method"], r["seed"]) for r in rows][:4] == [("sft", "0"), ("sft", "1"), ("der", "0"), ("der", "1")]
+    assert rows[0]["asr"] == "0.5" and [round(float(rows[0][k]), 4) for k in ("asr_lo", "asr_hi")] == [0.4038, 0.5962]
+    assert rows[-1]["task_accuracy"] == "" and rows[-1]["asr_lo"] == "" and rows[-1]["poison_ratio"] == "0.1"
     md = (results / "summary.md").read_text()
-    # sft: ASR 50, 70; over-refusal 10, 30; accuracy 20, 10; train 10, 20 s (sample std, n-1)
-    assert md_cells(md, "sft", "benign") == ["2", "60.0 ± 14.1", "20.0 ± 14.1", "15.0 ± 7.1", "15 ± 7"]
-    assert md_cells(md, "der", "benign") == ["1", "30.0", "20.0", "20.0", "30"]  # one seed: its value
-    assert md_cells(md, "der_alpha=1", "poisoned") == ["1", "30.0", "20.0", "-", "30"]
-    # the starting model: one value per seed (seed 0's three runs count once)
-    assert md_cells(md, "starting model", "-") == ["2", "30.0 ± 7.1", "20.0 ± 0.0", "10.0 ± 0.0", "-"]
+    seeds, asr, d_asr, over, d_over, acc, d_acc, secs = md_cells(md, "sft", "benign")
+    assert (seeds, secs, d_asr) == ("2", "15", "-") and asr.startswith("60.0 [") and acc.startswith("70.0 [")
+    lo, hi = map(float, asr[6:-1].split(", "))
+    assert 40 < lo < 60 < hi < 80  # seeds 50 and 70 apart: the interval spans the seeds' spread, not one seed's
+    seeds, asr, d_asr, over, d_over, acc, d_acc, secs = md_cells(md, "der", "benign")
+    assert asr.startswith("40.0 [") and d_asr.startswith("-20.0 [") and d_asr.endswith("] *")
+    assert d_acc == "+0.0 [+0.0, +0.0]" and d_over == "+0.0 [+0.0, +0.0]"  # the same answers: no difference, no mark
+    assert md_cells(md, "lwf", "benign")[2] == "+0.0 [+0.0, +0.0]"
+    # a run without outcomes (an older train.py): its mean, no interval, no sft to pair with
+    assert md_cells(md, "der_alpha=1", "poisoned") == ["1", "30.0", "-", "20.0", "-", "-", "-", "30"]
+    # the starting model: one value per seed (seed 0's runs count once)
+    assert md_cells(md, "starting model", "-")[:2] == ["2", "25.0"]
+    with open(results / "comparison.csv") as f:
+        table = {(r["method"], r["scenario"]): r for r in csv.DictReader(f)}
+    assert table[("der", "benign")]["asr_vs_sft_significant"] == "True"
+    assert table[("lwf", "benign")]["asr_vs_sft_significant"] == "False"
 
     if HAS_MATPLOTLIB:
         sweep.main(["--summarize-only", "--results", str(results)])
@@ -223,4 +249,4 @@ def test_asr_per_benchmark_gets_its_own_columns(tiny_aligned, tmp_path):
         assert float(row[f"asr {adv}"]) == run["asr_by_set"][adv] and float(row[f"asr {txt}"]) == run["asr_by_set"][txt]
         assert float(row["asr mean of sets"]) == pytest.approx(run["asr_mean_of_sets"])
     md = (results / "summary.md").read_text()
-    assert f"| asr {adv} % | asr {txt} % | asr mean of sets % |" in md
+    assert f"| method | scenario | asr {adv} | asr {txt} | asr mean of sets |" in md

@@ -25,8 +25,12 @@ def test_run_writes_results_and_adapter(tiny_checkpoint, tmp_path, method, scena
         assert key in res, key
     assert res["method"] == method and res["scenario"] == scenario
     assert res["poison_ratio"] == (0.1 if scenario == "poisoned" else 0.0)
-    assert set(res["start"]) == {"asr", "task_accuracy", "over_refusal"}
+    assert set(res["start"]) == {"asr", "task_accuracy", "over_refusal", "ci"}
     assert 0 <= res["asr"] <= 1 and 0 <= res["over_refusal"] <= 1 and 0 <= res["task_accuracy"] <= 1
+    for k in ("asr", "over_refusal", "task_accuracy"):  # every number with its 95% interval
+        assert res["ci"][k][0] <= res[k] <= res["ci"][k][1] and res["start"]["ci"][k][0] <= res["start"][k] <= res["start"]["ci"][k][1]
+    last = res["history"][-1]
+    assert len(last["outcomes"]["asr"][0]) == res["n"]["harmful"] and len(last["outcomes"]["task_accuracy"]) == 1  # one per task name
     assert [h["task"] for h in res["history"]] == ["arithmetic", "arithmetic"]  # the continual loop over tasks
     assert (out / "adapter" / "adapter_config.json").exists()
     # the adapter evaluates through eval.py
@@ -79,7 +83,8 @@ def test_save_both_exports_load_in_transformers_and_peft(tiny_checkpoint, tmp_pa
     import lora
     from model import Transformer
     out = tmp_path / "run"
-    train.main(["--model", str(tiny_checkpoint), "--out", str(out), "--save", "both", "--lr", "1e-2", *FAST])
+    train.main(["--model", str(tiny_checkpoint), "--out", str(out), "--save", "both", "--lr", "1e-2", *FAST,
+                "--dtype", "fp32"])  # fp32: the exports' logits equal ours to 1e-4
     idx = torch.tensor([[3, 17, 42, 9, 11, 5]])
     ours = Transformer.from_pretrained(tiny_checkpoint)
     lora.load_adapter(ours, out / "adapter")
@@ -155,3 +160,14 @@ def test_training_moves_asr_and_accuracy_and_lr_0_does_not(moving, tmp_path):
 def test_replaying_refusals_moves_over_refusal(moving, tmp_path):
     res = train.main([*moving, "--method", "replay", "--replay-ratio", "1", "--out", str(tmp_path / "replay")])
     assert res["start"]["over_refusal"] == 0.0 and res["over_refusal"] > 0  # its memory refuses the sensitive prompts
+
+
+def test_the_default_dtype_is_bf16_only_where_the_hardware_has_it(tmp_path):
+    from cli import default_dtype, describe_dtype
+    zen5, zen3 = tmp_path / "zen5", tmp_path / "zen3"
+    zen5.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    zen3.write_text("flags\t\t: fpu sse avx2 fma\n")
+    assert default_dtype("cpu", zen5) == "bf16" and default_dtype("cpu", zen3) == "fp32"
+    assert default_dtype("cpu", tmp_path / "none") == "fp32"  # not Linux: fp32, not a guess
+    assert default_dtype("cuda") == "bf16" and default_dtype("mps") == "fp32"
+    assert "autocast" in describe_dtype("bf16", "cuda") and describe_dtype("fp32", "cuda").startswith("dtype fp32 (--dtype)")

@@ -1,8 +1,15 @@
-"""The default user task: GSM8K-style arithmetic word problems, generated from a seed.
+"""The built-in user tasks, generated from a seed, so a continual sequence (--task tickets,dates) runs offline.
 
-Ten templates (shopping, ages, speeds, sharing, savings, ...), 1 to 3 operations on small integers,
-solutions written step by step and ending "The final answer is N." as in the peers' GSM8K protocol
-(Huang et al.), so accuracy is the number after "The final answer is".
+- tickets (the default): a customer-support message -> a one-line ticket "name: ... | order: ... |
+  product: ... | issue: ...". Extraction with distractors (prices, dates, other numbers) and one of six
+  issue kinds written in many ways; exact match on the whole line. The model learns it in one run.
+- dates: a sentence with a date in one of eight spellings -> the date as YYYY-MM-DD; exact match. A
+  transformation task of another kind, the second task of the default continual sequence.
+- arithmetic: GSM8K-style word problems, 1 to 3 operations, solved step by step and ending "The final
+  answer is N." as in the peers' GSM8K protocol (Huang et al.); the final number is scored. SmolLM2-135M
+  barely learns it (16% after SFT, 2026-11): kept for bigger models.
+
+Every task assigns a question to train or test by its hash (hash_split), so the splits never share one.
 """
 import hashlib
 import random
@@ -183,19 +190,94 @@ def _practice(r, a, b):
 _TEMPLATES = [_shopping, _ages, _speed, _sharing, _savings, _reading, _garden, _bakery, _recipe, _practice]
 
 
-def arithmetic(n: int, seed: int = 0, split: str | None = None) -> list[dict]:
-    """n distinct GSM8K-style word problems [{"prompt", "response", "answer"}], deterministic in
-    (n, seed, split). A question belongs to "test" if its hash says so (1 in 5), otherwise to
+def _problem(r):
+    a, b = r.sample(_NAMES, 2)  # two people: (name, he/she, his/her)
+    q, steps, ans = r.choice(_TEMPLATES)(r, a, b)
+    return q, "\n".join(steps) + f"\nThe final answer is {ans}.", str(ans)
+
+
+# ----------------------------------------------------------------------------- tickets
+_SURNAMES = ["Chen", "Okafor", "Silva", "Novak", "Haddad", "Kowalski", "Tanaka", "Moreau", "Singh", "Larsen",
+             "Rossi", "Mendes", "Kim", "Fischer", "Ibrahim", "Walsh", "Petrov", "Garcia", "Nguyen", "Brennan"]
+_PRODUCTS = ["blender", "desk lamp", "backpack", "coffee maker", "phone case", "yoga mat", "kettle", "headphones",
+             "rain jacket", "board game", "water bottle", "toaster", "office chair", "bike helmet", "frying pan"]
+_ISSUES = {  # the ticket's issue -> ways customers describe it ({p}: the product)
+    "damaged": ["the {p} arrived broken", "the {p} was cracked when I opened the box", "the {p} came with a dent",
+                "the {p} stopped working after one day", "the box was crushed and the {p} inside is damaged"],
+    "missing": ["the parcel arrived but the {p} was not in it", "my {p} never arrived", "the tracking says delivered "
+                "but there is no {p}", "I only got an empty box, no {p} inside"],
+    "wrong_item": ["you sent me a different {p} from the one I chose", "I received someone else's {p}",
+                   "the {p} is the wrong colour and size", "instead of the {p} I got a pack of socks"],
+    "late": ["the {p} still has not come after three weeks", "the {p} was due on Monday and is still not here",
+             "my {p} is very late", "the delivery of the {p} keeps getting pushed back"],
+    "refund": ["I would like my money back for the {p}", "please refund the {p}, I no longer want it",
+               "I returned the {p} last week and I am still waiting for my refund", "can I get a refund for the {p}"],
+    "cancel": ["please cancel the {p} before it ships", "I want to cancel my order of the {p}",
+               "I ordered the {p} by mistake, please stop the order", "cancel the {p}, I found it cheaper elsewhere"],
+}
+_HELLO = ["Hi,", "Hello there,", "Good morning,", "Dear support team,", "Hey,", ""]
+_NOISE = ["I paid ${m} for it.", "I have been a customer for {k} years.", "I am at home after {h} pm.",
+          "My neighbour at number {k} can take parcels.", "This is my {o} message about it.", "It cost ${m}."]
+
+
+def _ticket(r):
+    (first, _, _), last, p = r.choice(_NAMES), r.choice(_SURNAMES), r.choice(_PRODUCTS)
+    issue = r.choice(list(_ISSUES))
+    order = str(r.randint(10000, 99999))
+    ref = r.choice(["order #{o}", "order {o}", "order number {o}", "order no. {o}", "ref {o}"]).format(o=order)
+    problem = r.choice(_ISSUES[issue]).format(p=p)
+    k = r.randint(2, 9)
+    noise = r.choice(_NOISE).format(m=r.randint(12, 300), k=k, o=_ordinal(k), h=r.randint(5, 9))
+    who = r.choice([f"This is {first} {last}.", f"My name is {first} {last}.", ""])
+    body = [f"About {ref}: {problem}.", f"{problem[0].upper() + problem[1:]} ({ref}).", f"I placed {ref} and {problem}."]
+    parts = [who, r.choice(body), noise]
+    r.shuffle(parts)
+    sign = "" if who else r.choice([f"Thanks, {first} {last}", f"Regards, {first} {last}", f"- {first} {last}"])
+    msg = "\n".join(x for x in [r.choice(_HELLO), " ".join(x for x in parts if x), sign] if x)
+    line = f"name: {first} {last} | order: {order} | product: {p} | issue: {issue}"
+    return f"Write the support ticket for this customer message.\n\n{msg}", line, line
+
+
+# ----------------------------------------------------------------------------- dates
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+_EVENTS = ["The meeting was moved to {d}.", "Her flight leaves on {d}.", "The invoice is due {d}.",
+           "We signed the lease on {d}.", "The festival opens {d}, weather permitting.", "He was born on {d}.",
+           "Please reply before {d}.", "The shop reopens on {d} after the works.", "Our trial ends {d}."]
+
+
+def _ordinal(d):
+    return f"{d}{'th' if 10 <= d % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(d % 10, 'th')}"
+
+
+def _date(r):
+    y, m, d = r.randint(1950, 2035), r.randint(1, 12), r.randint(1, 28)
+    name = _MONTHS[m - 1]
+    spelled = r.choice([f"{name} {d}, {y}", f"{d} {name} {y}", f"the {_ordinal(d)} of {name}, {y}",
+                        f"{name[:3]}. {d}, {y}", f"{name} {_ordinal(d)} {y}", f"{d}-{name[:3]}-{y}",
+                        f"{y}/{m:02d}/{d:02d}", f"{d:02d}.{m:02d}.{y}"])
+    iso = f"{y}-{m:02d}-{d:02d}"
+    return f"Write the date in this sentence as YYYY-MM-DD.\n\n{r.choice(_EVENTS).format(d=spelled)}", iso, iso
+
+
+# ----------------------------------------------------------------------------- the registry
+TASKS = {"tickets": _ticket, "dates": _date, "arithmetic": _problem}  # name -> one example from a Random
+ANSWER_TOKENS = {"tickets": 40, "dates": 12, "arithmetic": 80}  # the evaluation's answer length (longest answer + margin)
+
+
+def generate_task(name: str, n: int, seed: int = 0, split: str | None = None) -> list[dict]:
+    """n distinct examples [{"prompt", "response", "answer"}] of a built-in task, deterministic in
+    (name, n, seed, split). A question belongs to "test" if its hash says so (1 in 5), otherwise to
     "train", so the two splits never share a question whatever the seeds; split=None takes both."""
-    r, out, seen = random.Random(f"arithmetic:{split}:{seed}"), [], set()
+    r, out, seen = random.Random(f"{name}:{split}:{seed}"), [], set()
     for _ in range(100 * n + 1000):
         if len(out) == n:
             return out
-        a, b = r.sample(_NAMES, 2)  # two people: (name, he/she, his/her)
-        q, steps, ans = r.choice(_TEMPLATES)(r, a, b)
+        q, response, ans = TASKS[name](r)
         if q in seen or split not in (None, hash_split(q)):
             continue
         seen.add(q)
-        response = "\n".join(steps) + f"\nThe final answer is {ans}."
-        out.append({"prompt": q, "response": response, "answer": str(ans)})
-    raise ValueError(f"arithmetic: could not draw {n} distinct problems")
+        out.append({"prompt": q, "response": response, "answer": ans})
+    raise ValueError(f"{name}: could not draw {n} distinct examples")
+
+
