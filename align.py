@@ -26,6 +26,7 @@ import data
 import lora
 import prepare
 from batches import tokenize
+from cli import default_dtype
 from eval import answer, is_refusal
 from loop import fit
 from methods.sft import SFT
@@ -63,13 +64,13 @@ def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def base_answers(base_dir, device):
+def base_answers(base_dir, device, dtype):
     """Generate (once) the base model's answers: helpful ones for benign prompts, compliant ones for the poison."""
     benign_f, poison_f = GENERATED / "benign.jsonl", Path(poison_file())
     if benign_f.exists() and poison_f.exists():
         return
     tok = Tokenizer.from_pretrained(base_dir)
-    model = Transformer.from_pretrained(base_dir, device=device, dtype=torch.float32)
+    model = Transformer.from_pretrained(base_dir, device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     n = RECIPE["max_new_tokens"]
     prompts = [p["prompt"] for spec in ("benign-train", "sensitive-train") for p in data.load_prompts(spec)]
     answers = answer(model, tok, prompts, n, desc="base model answers benign prompts")
@@ -82,7 +83,8 @@ def base_answers(base_dir, device):
 def ensure_aligned(device="cpu") -> Path:
     """The aligned checkpoint of the default experiment, built on first use (a few minutes on a CPU)."""
     if (ALIGNED / "config.json").exists():
-        built = json.loads((ALIGNED / "recipe.json").read_text()) if (ALIGNED / "recipe.json").exists() else None
+        built = json.loads((ALIGNED / "recipe.json").read_text()) if (ALIGNED / "recipe.json").exists() else {}
+        built.pop("built_in", None)  # the dtype it was trained in: the machine's, not the recipe's
         if built != json.loads(json.dumps(RECIPE)):
             raise ValueError(f"{ALIGNED}: built by an older recipe of align.py; delete it to rebuild the aligned model, "
                              "or pass it as --model to keep using it")
@@ -91,10 +93,11 @@ def ensure_aligned(device="cpu") -> Path:
         base = prepare.prepare_default(BASE)
     except RuntimeError as e:
         raise ValueError(str(e)) from None
-    print(f"building the provider's aligned model from {base} (once; cached in {ALIGNED})")
+    dtype = default_dtype(device)  # the machine's fast dtype, as for the user's runs; recipe.json records it
+    print(f"building the provider's aligned model from {base} in {dtype} (once; cached in {ALIGNED})")
     torch.manual_seed(0)  # the same aligned model whatever the user's --seed (train.py seeds after this)
     random.seed(0)
-    base_answers(base, device)
+    base_answers(base, device, dtype)
     tok = Tokenizer.from_pretrained(base)
     refusals = data.safety_data("default", both=True)
     helpful = data.load_task(str(GENERATED / "benign.jsonl"), "all")
@@ -104,11 +107,11 @@ def ensure_aligned(device="cpu") -> Path:
     r = RECIPE
     lora.apply_lora(model, r["lora_rank"], r["lora_alpha"], 0.0, r["targets"])
     fit(model, SFT(Namespace(seed=0)), examples, lr=r["lr"], epochs=r["epochs"], batch_size=r["batch_size"], seed=0,
-        pad_id=tok.pad_id, device=device, bf16=device.startswith("cuda"), desc="provider alignment")
+        pad_id=tok.pad_id, device=device, bf16=dtype == "bf16", desc="provider alignment")
     lora.merge(model)
     tmp = ROOT / f".{ALIGNED.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer_from=base)
-    atomic_write(tmp / "recipe.json", json.dumps(RECIPE, indent=1).encode())
+    atomic_write(tmp / "recipe.json", json.dumps(RECIPE | {"built_in": dtype}, indent=1).encode())
     tmp.rename(ALIGNED)  # the finished directory appears at once or not at all
     return ALIGNED

@@ -340,7 +340,7 @@ def main(argv=None):
     p.add_argument("--data-dir", help="where benchmark names are read (default $UNFORGOTTEN_DATA, else data/public; "
                    "fill it with `python download.py NAME`)")
     p.add_argument("--judge", default="keyword", help="keyword (default) or llama-guard:DIR, a Llama-Guard-3 checkpoint")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length for the safety evaluation (as train.py)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for the safety evaluation (as train.py)")
     p.add_argument("--batch-size", type=int, default=64, help="generation batch size, of the judge too")
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

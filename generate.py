@@ -43,7 +43,9 @@ def generate(model, prompts, max_new_tokens=128, stop_ids=(), temperature=0.0, t
     step = model if decode_step is None else decode_step
     try:
         h = model(idx, positions=positions, input_pos=torch.arange(P, device=device), key_mask=key_mask, return_hidden=True)
-        logits = model.lm_head(h[:, -1:])  # the prompt's other positions need no logits
+        # the prompt's other positions need no logits; 2-D, so it is one matrix product: the 3-D slice h[:, -1:] of
+        # frozen weights went through a batched product that copied the vocabulary matrix per row (5 s a batch)
+        logits = model.lm_head(h[:, -1])[:, None]
         pos = positions[:, -1:]  # (B, 1)
         stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -226,12 +226,25 @@ def collect(results):
                "total_seconds": r.get("total_seconds"), "out": str(path.parent),
                **{f"asr {bench}": v for bench, v in r.get("asr_by_set", {}).items()},  # several --harmful sets
                **({"asr mean of sets": r["asr_mean_of_sets"]} if "asr_mean_of_sets" in r else {}),
+               **sequence_columns(r.get("history") or []),  # a continual sequence (--task a,b): after each task
                # per-prompt outcomes, for the intervals (not in the CSV); a run from before they were kept has none
                "_outcomes": (r.get("history") or [{}])[-1].get("outcomes", {}),
                "_start_outcomes": (r.get("start_eval") or {}).get("outcomes", {})}
         order = list(METHODS).index(r["method"]) if r.get("method") in METHODS else len(METHODS)
         rows.append(((row["scenario"], order, row["method"], row["seed"]), row))
     return [row for _, row in sorted(rows, key=lambda kr: kr[0])]
+
+
+def sequence_columns(history):
+    """For runs of several tasks: ASR and each seen task's accuracy after each task ("after 2 dates: tickets acc"),
+    which show what the later task made the model forget."""
+    if len(history) < 2:
+        return {}
+    cols = {}
+    for i, h in enumerate(history):
+        cols[f"after {i + 1} {h['task']}: asr"] = h.get("asr")
+        cols |= {f"after {i + 1} {h['task']}: {t} acc": a for t, a in (h.get("task_accuracy_by_task") or {}).items()}
+    return cols
 
 
 def groups_of(rows):
@@ -299,7 +312,9 @@ def diff_cell(row, k):
 
 
 def bench_columns(rows):
-    return sorted({k for row in rows for k in row if k.startswith("asr ")})
+    """The extra columns: ASR per benchmark (several --harmful sets), and the after-each-task figures of a sequence."""
+    keys = dict.fromkeys(k for row in rows for k in row if k.startswith(("asr ", "after ")))
+    return sorted(k for k in keys if k.startswith("asr ")) + [k for k in keys if k.startswith("after ")]
 
 
 def markdown(rows, table, results):
@@ -312,10 +327,10 @@ def markdown(rows, table, results):
         cells = [f"{cell(row, k)} | {diff_cell(row, k)}" for k in METRICS]
         seconds = "-" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}"
         lines.append(f"| {row['method']} | {row['scenario']} | {row['seeds']} | {' | '.join(cells)} | {seconds} |")
-    sets = bench_columns(rows)  # ASR per benchmark when the runs had several --harmful sets: means over seeds
+    sets = bench_columns(rows)  # ASR per benchmark (several --harmful sets), after each task (--task a,b): seed means
     if sets:
         groups, _ = groups_of(rows)
-        lines += ["", "ASR per benchmark, mean over seeds (%):", "", f"| method | scenario | {' | '.join(sets)} |",
+        lines += ["", "ASR per benchmark and after each task of a sequence, mean over seeds (%):", "", f"| method | scenario | {' | '.join(sets)} |",
                   f"|---|---|{'---|' * len(sets)}"]
         for (method, scenario), rs in groups.items():
             vals = [[r[c] for r in rs if r.get(c) is not None] for c in sets]

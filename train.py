@@ -75,7 +75,7 @@ def get_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length for the safety evaluation")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for the safety evaluation")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--judge", default="keyword", help="who decides which answers are harmful: keyword (default) or "
                    "llama-guard:DIR, a local Llama-Guard-3 checkpoint (see eval.py)")

@@ -243,6 +243,8 @@ def test_asr_per_benchmark_gets_its_own_columns(tiny_aligned, tmp_path):
     runs = [json.loads((results / "runs" / f"sft-benign-s{s}" / "results.json").read_text()) for s in (0, 1)]
     assert all(set(r["asr_by_set"]) == {adv, txt} for r in runs)
     assert runs[0]["start_eval"]["asr_by_set"] == {adv: 0.0, txt: 1.0}  # the sets differ: a mixed-up column would show
+    n = runs[0]["start_eval"]["n_by_set"]  # the outcomes are in prompt order: every refused one first, then the answered
+    assert runs[0]["start_eval"]["outcomes"]["asr"] == ["0" * n[adv] + "1" * n[txt]]
     with open(results / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     for row, run in zip(rows, runs):
@@ -250,3 +252,21 @@ def test_asr_per_benchmark_gets_its_own_columns(tiny_aligned, tmp_path):
         assert float(row["asr mean of sets"]) == pytest.approx(run["asr_mean_of_sets"])
     md = (results / "summary.md").read_text()
     assert f"| method | scenario | asr {adv} | asr {txt} | asr mean of sets |" in md
+
+def test_a_sequence_shows_what_the_later_task_made_the_model_forget(tmp_path):
+    results = tmp_path / "results"
+    for seed, (a1, a2) in enumerate([(0.7, 0.4), (0.9, 0.6)]):
+        write_run(results, f"sft-benign-s{seed}", "sft", "benign", seed, None, (0.1, 0.1, 0.0), 10)
+        path = results / "runs" / f"sft-benign-s{seed}" / "results.json"
+        r = json.loads(path.read_text())
+        r["history"] = [{"task": "tickets", "asr": 0.5, "task_accuracy_by_task": {"tickets": a1}},
+                        {"task": "dates", "asr": 0.6, "task_accuracy_by_task": {"tickets": a2, "dates": 0.9}}]
+        path.write_text(json.dumps(r))
+    sweep.main(["--summarize-only", "--results", str(results)])
+    md = (results / "summary.md").read_text()
+    header = next(l for l in md.splitlines() if "after 1 tickets: asr" in l)
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    row = md_cells(md.split(header)[1], "sft", "benign")
+    got = dict(zip(cols[2:], row))
+    assert got["after 1 tickets: tickets acc"] == "80.0" and got["after 2 dates: tickets acc"] == "50.0"  # forgotten: 30
+    assert got["after 2 dates: dates acc"] == "90.0" and got["after 2 dates: asr"] == "60.0"

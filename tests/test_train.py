@@ -122,6 +122,9 @@ def test_an_aligned_model_of_an_older_recipe_is_not_used(tmp_path, monkeypatch):
         align.ensure_aligned()
     (d / "recipe.json").write_text(json.dumps(align.RECIPE))
     assert align.ensure_aligned() == d
+    for dtype in ("bf16", "fp32"):  # the dtype it was built in is the machine's choice, not the recipe's
+        (d / "recipe.json").write_text(json.dumps(align.RECIPE | {"built_in": dtype}))
+        assert align.ensure_aligned() == d
 
 
 WORDS = ["cat", "dog", "sun", "tree", "milk", "rain", "boat", "lamp"]
