@@ -236,18 +236,18 @@ def run(args):
             restore(model, method, saved_tensors, resume["method"], "now.")
         if ckpt:
             ckpt.begin_task(i, task_start, history, steps_before, train_seconds)
-        t0 = time.time()
+        t0, timings = time.time(), {}
         losses = fit(model, method, train_on, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                      grad_accum=args.grad_accum, warmup=args.warmup, seed=args.seed, pad_id=tok.pad_id, device=args.device,
                      bf16=args.dtype == "bf16", fwd=fwd, desc=f"task {i + 1}/{len(tasks)} {name} [{args.method}]",
-                     ckpt=ckpt, resume=(resume, saved_tensors) if resume else None, probe=probe)
+                     ckpt=ckpt, resume=(resume, saved_tensors) if resume else None, probe=probe, timings=timings)
         train_seconds += time.time() - t0
         steps_before += n_steps(len(train_on), args.epochs, args.batch_size * args.grad_accum * world_size())
         method.end_task(model)
         seen = {t: test_sets[t] for t in tasks[: i + 1]}  # safety and every task so far; the method's diagnostics
         with lora.merged(model) if not args.fsdp else contextlib.nullcontext():  # the same numbers, generated faster
             metrics = evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if evaluating else {}
-        history.append({"task": name, "losses": losses, "diagnostics": method.report(), **metrics})
+        history.append({"task": name, "losses": losses, "diagnostics": method.report(), "timings": timings, **metrics})
 
     # results and saving
     save = args.save or ("merged" if method.changes_frozen_weights else "adapter")
