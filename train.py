@@ -40,7 +40,8 @@ from batches import tokenize
 from checkpoint import (RESUME_MAY_CHANGE, Checkpoints, Stopped, check_resume, read_checkpoint, restore, snapshot)
 from cli import default_dtype, describe_dtype, one_line_errors
 from distributed import DDP, setup_distributed, shard, world_size
-from eval import check_device, check_lengths, evaluate, make_judge, print_details, print_table, task_metric
+from eval import (answer_tokens, check_device, check_lengths, evaluate, judges_by_stage, make_judge, print_details, print_table,
+                  task_metric, write_jsonl)
 from loop import fit, n_steps
 from methods import METHODS, inner_choices, make
 from model import Transformer, write_json
@@ -75,10 +76,12 @@ def get_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for the safety evaluation")
+    p.add_argument("--max-new-tokens", type=int, help="answer length for the safety evaluation (default 32; 512 with a "
+                   "Llama-Guard judge, the peers' protocol)")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--judge", default="keyword", help="who decides which answers are harmful: keyword (default) or "
-                   "llama-guard:DIR, a local Llama-Guard-3 checkpoint (see eval.py)")
+                   "llama-guard:DIR, a local Llama-Guard-3 checkpoint (see eval.py); several comma-separated: the first "
+                   "decides ASR, each is reported with their agreement")
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: bf16 frozen weights, fp32 LoRA, autocast (default on "
@@ -101,6 +104,7 @@ def get_args(argv=None):
     p.add_argument("--stop-after", type=int, help="stop after N optimizer steps of the run (all tasks), as on SIGTERM")
     add_method_args(p, argv)
     args = p.parse_args(argv)
+    args.max_new_tokens = answer_tokens(args.judge, args.max_new_tokens)
     for flag in ("n_train", "n_test", "batch_size", "grad_accum", "max_len", "lora_rank", "epochs", "lora_alpha",
                  "max_new_tokens", "eval_batch_size"):
         if not getattr(args, flag) > 0:  # also NaN
@@ -217,6 +221,8 @@ def run(args):
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         if (out / "results.json").exists():
             os.replace(out / "results.json", out / "results.previous.json")
+            if (out / "answers.jsonl").exists():  # with it, its answers (eval.answers_file pairs the names)
+                os.replace(out / "answers.jsonl", out / "results.previous.answers.jsonl")
     history, train_seconds, steps_before = ([], 0.0, 0) if not saved else \
         (saved["history"], saved["train_seconds"], saved["steps_before"])  # steps_before: the finished tasks' steps
     ckpt = Checkpoints(ckpt_dir, args.ckpt_every, args.stop_after, rank, args.device, config=config, data_hashes=hashes) \
@@ -259,6 +265,9 @@ def run(args):
         lora.save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir), state=adapter)
     if save in ("merged", "both"):
         save_merged(model, out / "merged", model_dir)
+    stages = [("start", start)] + [(f"after {i + 1} {h['task']}", h) for i, h in enumerate(history)]
+    answers = [{"stage": name, **r} for name, m in stages for r in m.pop("answers", [])]  # start: a copy of the cache's
+    several = any([m.pop("judges", None) for _, m in stages])  # every stage's report is rebuilt below, in one place
     keys = ("asr", "over_refusal", "task_accuracy")
     results = {"method": args.method, "scenario": args.scenario, "poison_ratio": args.poison_ratio if args.scenario == "poisoned" else 0.0,
                "seed": args.seed, **{k: final.get(k) for k in keys}, "ci": final.get("ci"),  # 95%, intervals.py
@@ -270,8 +279,12 @@ def run(args):
                "model": str(model_dir), "judge": final["judge"], "history": history, "start_eval": start,
                "config": vars(args), "versions": {"torch": torch.__version__, "unforgotten": git_commit()},
                "data_hashes": hashes}
+    if several:  # several judges: each one's ASR and their agreement, at every stage
+        results["judges"] = judges_by_stage(answers, args.max_new_tokens)
+    write_jsonl(out / "answers.jsonl", answers)  # every prompt, answer and verdict: eval.py --rejudge reads them
     write_json(out / "results.json", results)
     (out / "results.previous.json").unlink(missing_ok=True)  # replaced now that the new run has finished
+    (out / "results.previous.answers.jsonl").unlink(missing_ok=True)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is finished: OUT holds a checkpoint or results.json
     print()
     print_table([("starting model", start)] + [(f"after {h['task']} ({args.method}, {args.scenario})", h) for h in history])
@@ -360,9 +373,9 @@ def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, e
                       harmful, sensitive, {t: e for t, (e, _) in test_sets.items()}, args.max_new_tokens,
                       args.eval_batch_size, args.judge, args.dtype], sort_keys=True)
     cache = Path(__file__).parent / "checkpoints" / "eval-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if cache.exists():
+    if cache.exists() and "answers" in (cached := json.loads(cache.read_text())):  # older caches kept no answers
         print(f"starting model {model_dir}: metrics from {cache}")
-        return json.loads(cache.read_text())
+        return cached
     print(f"evaluating the starting model {model_dir}")
     start = evaluate(model, tok, harmful, sensitive, test_sets, **eval_kw)
     if write:
