@@ -288,7 +288,7 @@ def judge_report(rows, answer_tokens):
     pairs = {}
     for a, b in combinations(names, 2):
         x, y = verdicts[a], verdicts[b]
-        pairs[f"{a} | {b}"] = {"agreement": sum(p == q for p, q in zip(x, y)) / len(x), "kappa": cohen_kappa(x, y),
+        pairs[f"{a} vs {b}"] = {"agreement": sum(p == q for p, q in zip(x, y)) / len(x), "kappa": cohen_kappa(x, y),
                                "disagreements": [{"prompt": r["prompt"], "answer": r["answer"], a: p, b: q}
                                                  for r, p, q in zip(rows, x, y) if p != q]}
     return {"asr": out, "agreement": pairs}

@@ -227,6 +227,7 @@ def collect(results):
                **{f"asr {bench}": v for bench, v in r.get("asr_by_set", {}).items()},  # several --harmful sets
                **({"asr mean of sets": r["asr_mean_of_sets"]} if "asr_mean_of_sets" in r else {}),
                **sequence_columns(r.get("history") or []),  # a continual sequence (--task a,b): after each task
+               **judge_columns(r.get("judges")),  # several judges (train.py --judge a,b or eval.py --rejudge)
                # per-prompt outcomes, for the intervals (not in the CSV); a run from before they were kept has none
                "_outcomes": (r.get("history") or [{}])[-1].get("outcomes", {}),
                "_start_outcomes": (r.get("start_eval") or {}).get("outcomes", {})}
@@ -245,6 +246,15 @@ def sequence_columns(history):
         cols[f"after {i + 1} {h['task']}: asr"] = h.get("asr")
         cols |= {f"after {i + 1} {h['task']}: {t} acc": a for t, a in (h.get("task_accuracy_by_task") or {}).items()}
     return cols
+
+
+def judge_columns(judges):
+    """The last stage's figures of a run judged by several judges: each one's ASR, each pair's agreement and kappa."""
+    if not judges:
+        return {}
+    report = list(judges.values())[-1]
+    return ({f"asr judge {j}": x["asr"] for j, x in report["asr"].items()} |
+            {f"{what} {pair}": x[what] for pair, x in report["agreement"].items() for what in ("agreement", "kappa")})
 
 
 def groups_of(rows):
@@ -335,6 +345,18 @@ def markdown(rows, table, results):
         for (method, scenario), rs in groups.items():
             vals = [[r[c] for r in rs if r.get(c) is not None] for c in sets]
             lines.append(f"| {method} | {scenario} | " + " | ".join(f"{100 * sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
+    pairs = list(dict.fromkeys(k.split(" ", 1)[1] for row in rows for k in row if k.startswith("agreement ")))
+    if pairs:  # several judges: how often each pair agrees, and beyond chance (Cohen's kappa), mean over seeds
+        groups, _ = groups_of(rows)
+        lines += ["", "Judges' agreement on the final answers, mean over seeds (each judge's ASR is in the table above):", "",
+                  "| method | scenario | " + " | ".join(f"agree % {p} | kappa {p}" for p in pairs) + " |",
+                  f"|---|---|{'---|---|' * len(pairs)}"]
+        for (method, scenario), rs in groups.items():
+            def mean(key, scale):
+                v = [r[key] for r in rs if r.get(key) is not None]
+                return f"{scale * sum(v) / len(v):.{1 if scale == 100 else 2}f}" if v else "-"
+            lines.append(f"| {method} | {scenario} | " + " | ".join(f"{mean(f'agreement {p}', 100)} | {mean(f'kappa {p}', 1)}"
+                                                              for p in pairs) + " |")
     return "\n".join(lines) + "\n"
 
 

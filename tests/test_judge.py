@@ -226,12 +226,12 @@ def test_kept_answers_are_judged_again_without_generating(tiny_llama3, guards, t
     report = again["judges"]["after 1 tickets"]
     guard = f"llama-guard:{guards['1b']}"
     assert set(report["asr"]) == {"keyword", guard} and report["asr"]["keyword"]["asr"] == res["asr"]
-    pair = report["agreement"][f"keyword | {guard}"]
+    pair = report["agreement"][f"keyword vs {guard}"]
     n = res["history"][-1]["n_harmful"]
     assert len(pair["disagreements"]) == round((1 - pair["agreement"]) * n)
     assert len(calls) == 1  # the guard's verdicts only: 2 stages x 3 prompts in one batch of 8; no answer generated
     assert again["asr"] == res["asr"] and again["judge"] == "keyword"  # the run's own numbers stay as they were
-    assert f"keyword | {guard}: agree" in capsys.readouterr().out
+    assert f"keyword vs {guard}: agree" in capsys.readouterr().out
 
 
 def test_a_run_with_two_judges_reports_both(tiny_llama3, guards, tmp_path):
@@ -242,7 +242,7 @@ def test_a_run_with_two_judges_reports_both(tiny_llama3, guards, tmp_path):
     assert res["judge"] == "keyword"
     for stage in ("start", "after 1 tickets"):
         assert set(res["judges"][stage]["asr"]) == {"keyword", guard}
-        assert 0 <= res["judges"][stage]["agreement"][f"keyword | {guard}"]["agreement"] <= 1
+        assert 0 <= res["judges"][stage]["agreement"][f"keyword vs {guard}"]["agreement"] <= 1
         assert res["judges"][stage]["asr"][guard]["answer_tokens"] == 4  # FAST's explicit --max-new-tokens
 
 

@@ -270,3 +270,25 @@ def test_a_sequence_shows_what_the_later_task_made_the_model_forget(tmp_path):
     got = dict(zip(cols[2:], row))
     assert got["after 1 tickets: tickets acc"] == "80.0" and got["after 2 dates: tickets acc"] == "50.0"  # forgotten: 30
     assert got["after 2 dates: dates acc"] == "90.0" and got["after 2 dates: asr"] == "60.0"
+
+
+def test_several_judges_get_their_columns_and_agreement(tmp_path):
+    """A run judged twice (train.py --judge a,b or eval.py --rejudge): each judge's ASR and the pair's agreement and
+    kappa of the last stage, averaged over seeds."""
+    results = tmp_path / "results"
+    for seed, (k, g, agree, kappa) in enumerate([(0.5, 0.3, 0.8, 0.6), (0.7, 0.5, 0.6, 0.2)]):
+        write_run(results, f"sft-benign-s{seed}", "sft", "benign", seed, None, (0.1, 0.1, 0.0), 10)
+        path = results / "runs" / f"sft-benign-s{seed}" / "results.json"
+        r = json.loads(path.read_text())
+        report = lambda a, b: {"asr": {"keyword": {"asr": a}, "guard": {"asr": b}},
+                               "agreement": {"keyword vs guard": {"agreement": agree, "kappa": kappa, "disagreements": []}}}
+        r["judges"] = {"start": report(0.0, 0.0), "after 1 tickets": report(k, g)}  # the last stage counts
+        path.write_text(json.dumps(r))
+    sweep.main(["--summarize-only", "--results", str(results)])
+    md = (results / "summary.md").read_text()
+    header = next(l for l in md.splitlines() if "asr judge keyword" in l)
+    cols = [c.strip() for c in header.strip("|").split("|")][2:]
+    got = dict(zip(cols, md.split(header)[1].split("\n")[2].strip("|").split("|")[2:]))
+    assert got["asr judge keyword"].strip() == "60.0" and got["asr judge guard"].strip() == "40.0"
+    header = next(l for l in md.splitlines() if "kappa keyword vs guard" in l)
+    assert md.split(header)[1].split("\n")[2] == "| sft | benign | 70.0 | 0.40 |"
