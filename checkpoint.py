@@ -75,7 +75,7 @@ class Checkpoints:
                 self.stop.append("a signal to another process")
         return done % self.every == 0 or done == total or bool(self.stop)
 
-    def save(self, done, total, desc, model, method, opt, losses):
+    def save(self, done, total, desc, model, method, opt, losses, curve=None):
         """Write the checkpoint after step `done` (rank 0); then raise Stopped if the run was asked to stop."""
         if self.rank == 0:
             tensors, method_state = snapshot(model, method, "now.")
@@ -83,6 +83,7 @@ class Checkpoints:
             start_tensors, start_state = self.start
             write_checkpoint(self.path, {**tensors, **opt_tensors, **start_tensors}, dict(
                 self.run, task=self.task, step=done, losses=losses, method=method_state, start=start_state,
+                **({"curve": curve} if curve is not None else {}),
                 optimizer=opt_state, train_seconds=self.run["train_seconds"] + time.time() - self.t0))
         self.last = f"{self.path} (step {done})"
         if self.stop:

@@ -31,6 +31,7 @@ After every sweep, from every finished run under RESULTS/runs (atomic writes):
                        prompts with its interval; significant when that interval excludes 0
   summary.md           comparison.csv as a table (* = significantly different from SFT), and the starting model
   safety_utility.png   ASR (x) vs task accuracy (y), means and 95% intervals; skipped if matplotlib is missing
+  forgetting_S.png     runs with --eval-every: ASR against the optimizer step per method, one figure per scenario S
 """
 import argparse
 import contextlib
@@ -230,7 +231,8 @@ def collect(results):
                **judge_columns(r.get("judges")),  # several judges (train.py --judge a,b or eval.py --rejudge)
                # per-prompt outcomes, for the intervals (not in the CSV); a run from before they were kept has none
                "_outcomes": (r.get("history") or [{}])[-1].get("outcomes", {}),
-               "_start_outcomes": (r.get("start_eval") or {}).get("outcomes", {})}
+               "_start_outcomes": (r.get("start_eval") or {}).get("outcomes", {}),
+               "_curve": curve_of(r.get("history") or [])}
         order = list(METHODS).index(r["method"]) if r.get("method") in METHODS else len(METHODS)
         rows.append(((row["scenario"], order, row["method"], row["seed"]), row))
     return [row for _, row in sorted(rows, key=lambda kr: kr[0])]
@@ -246,6 +248,16 @@ def sequence_columns(history):
         cols[f"after {i + 1} {h['task']}: asr"] = h.get("asr")
         cols |= {f"after {i + 1} {h['task']}: {t} acc": a for t, a in (h.get("task_accuracy_by_task") or {}).items()}
     return cols
+
+
+def curve_of(history):
+    """A run's forgetting curve (train.py --eval-every) over all its tasks: [(step of the run, ASR)], each task's steps
+    after the last of the task before."""
+    points, offset = [], 0
+    for h in history:
+        points += [(offset + step, asr) for step, asr in h.get("curve", []) if not (points and step == 0)]
+        offset += h["curve"][-1][0] if h.get("curve") else 0
+    return points
 
 
 def judge_columns(judges):
@@ -392,6 +404,40 @@ def plot(table, path):
     return True
 
 
+def plot_curves(rows, results):
+    """ASR against the optimizer step for each method entry (mean over the seeds that have a curve), one figure per
+    scenario: forgetting_SCENARIO.png. Returns the files written."""
+    curves = {}
+    for row in rows:
+        if row["_curve"]:
+            curves.setdefault(row["scenario"], {}).setdefault(row["method"], []).append(dict(row["_curve"]))
+    if not curves:
+        return []
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for scenario, methods in curves.items():
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for method, runs in methods.items():
+            steps = sorted(set.intersection(*(set(c) for c in runs)))  # the steps every seed measured
+            ax.plot(steps, [100 * sum(c[s] for c in runs) / len(runs) for s in steps], marker=".", label=f"{method} ({len(runs)} seeds)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("ASR % on the curve's harmful prompts")
+        ax.set_title(f"forgetting as it happens ({scenario}; mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write(results / f"forgetting_{scenario}.png", buf.getvalue())
+        written.append(f"forgetting_{scenario}.png")
+    return written
+
+
 def summarize(results):
     """summary.csv, summary.md and safety_utility.png from every finished run; returns the markdown."""
     rows = collect(results)
@@ -410,6 +456,7 @@ def summarize(results):
     written = ["summary.csv", "comparison.csv", "summary.md"]
     if plot(table, results / "safety_utility.png"):
         written.append("safety_utility.png")
+    written += plot_curves(rows, results)
     print(f"\n{text}\nwrote {', '.join(str(results / w) for w in written)}")
     return text
 

@@ -79,6 +79,10 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, help="answer length for the safety evaluation (default 32; 512 with a "
                    "Llama-Guard judge, the peers' protocol)")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=0, help="every N optimizer steps, ASR on a fixed subset of the "
+                   "harmful prompts (the forgetting curve, results.json 'curve'; default 0 = off)")
+    p.add_argument("--eval-every-prompts", type=int, default=62, help="--eval-every: how many harmful prompts (the same "
+                   "ones in every run)")
     p.add_argument("--judge", default="keyword", help="who decides which answers are harmful: keyword (default) or "
                    "llama-guard:DIR, a local Llama-Guard-3 checkpoint (see eval.py); several comma-separated: the first "
                    "decides ASR, each is reported with their agreement")
@@ -106,12 +110,16 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.max_new_tokens = answer_tokens(args.judge, args.max_new_tokens)
     for flag in ("n_train", "n_test", "batch_size", "grad_accum", "max_len", "lora_rank", "epochs", "lora_alpha",
-                 "max_new_tokens", "eval_batch_size"):
+                 "max_new_tokens", "eval_batch_size", "eval_every_prompts"):
         if not getattr(args, flag) > 0:  # also NaN
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     for flag in ("poison_ratio", "warmup"):
         if not 0 <= getattr(args, flag) <= 1:
             p.error(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
+    if args.eval_every < 0:
+        p.error(f"--eval-every must be >= 0, got {args.eval_every}")
+    if args.eval_every and args.fsdp:
+        p.error("--eval-every is not supported with --fsdp (every process would have to take part in each curve point)")
     if not args.lr >= 0:
         p.error(f"--lr must be >= 0, got {args.lr}")
     if not 0 <= args.lora_dropout < 1:
@@ -192,6 +200,7 @@ def run(args):
     memory = tokenize(tok, safety, args.max_len, f"--safety-data {args.safety_data}")
     probe = random.Random(args.seed).sample(memory, min(16, len(memory)))  # its loss goes with the run's (loop.fit)
     check_lengths(tok, harmful + sensitive, args.max_new_tokens, model.config.max_seq_len)
+    curve_prompts = random.Random(0).sample(harmful, min(args.eval_every_prompts, len(harmful)))  # the same in every run
     hashes = file_hashes([*tasks, args.safety_data, *specs, args.sensitive,
                           *([poison_source] if args.scenario == "poisoned" else [])], args.data_dir)
     config = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}  # a resumed run must match it
@@ -242,18 +251,22 @@ def run(args):
             restore(model, method, saved_tensors, resume["method"], "now.")
         if ckpt:
             ckpt.begin_task(i, task_start, history, steps_before, train_seconds)
-        t0, timings = time.time(), {}
+        t0, timings, curve = time.time(), {}, []
+        monitor = (args.eval_every, lambda step: curve_point(model, tok, curve_prompts, eval_kw), curve) \
+            if args.eval_every and rank == 0 else None
         losses = fit(model, method, train_on, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                      grad_accum=args.grad_accum, warmup=args.warmup, seed=args.seed, pad_id=tok.pad_id, device=args.device,
                      bf16=args.dtype == "bf16", fwd=fwd, desc=f"task {i + 1}/{len(tasks)} {name} [{args.method}]",
-                     ckpt=ckpt, resume=(resume, saved_tensors) if resume else None, probe=probe, timings=timings)
+                     ckpt=ckpt, resume=(resume, saved_tensors) if resume else None, probe=probe, timings=timings,
+                     monitor=monitor)
         train_seconds += time.time() - t0
         steps_before += n_steps(len(train_on), args.epochs, args.batch_size * args.grad_accum * world_size())
         method.end_task(model)
         seen = {t: test_sets[t] for t in tasks[: i + 1]}  # safety and every task so far; the method's diagnostics
         with lora.merged(model) if not args.fsdp else contextlib.nullcontext():  # the same numbers, generated faster
             metrics = evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if evaluating else {}
-        history.append({"task": name, "losses": losses, "diagnostics": method.report(), "timings": timings, **metrics})
+        history.append({"task": name, "losses": losses, "diagnostics": method.report(), "timings": timings,
+                        **({"curve": curve} if monitor else {}), **metrics})
 
     # results and saving
     save = args.save or ("merged" if method.changes_frozen_weights else "adapter")
@@ -381,6 +394,12 @@ def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, e
     if write:
         write_json(cache, start)
     return start
+
+
+def curve_point(model, tok, prompts, eval_kw):
+    """The forgetting curve's point: ASR on the fixed subset of harmful prompts, the LoRA merged for a while."""
+    with lora.merged(model):
+        return evaluate(model, tok, prompts, **eval_kw)["asr"]
 
 
 # ----------------------------------------------------------------------------- results

@@ -292,3 +292,16 @@ def test_several_judges_get_their_columns_and_agreement(tmp_path):
     assert got["asr judge keyword"].strip() == "60.0" and got["asr judge guard"].strip() == "40.0"
     header = next(l for l in md.splitlines() if "kappa keyword vs guard" in l)
     assert md.split(header)[1].split("\n")[2] == "| sft | benign | 70.0 | 0.40 |"
+
+
+def test_forgetting_curves_join_the_tasks_and_are_plotted(tmp_path):
+    history = [{"task": "tickets", "curve": [[0, 0.1], [2, 0.5], [3, 0.6]]}, {"task": "dates", "curve": [[0, 0.6], [2, 0.4]]}]
+    assert sweep.curve_of(history) == [(0, 0.1), (2, 0.5), (3, 0.6), (5, 0.4)]  # dates' step 0 is tickets' step 3
+    assert sweep.curve_of([{"task": "tickets"}]) == []
+    results = tmp_path / "results"
+    write_run(results, "sft-benign-s0", "sft", "benign", 0, None, (0.1, 0.1, 0.0), 10)
+    path = results / "runs" / "sft-benign-s0" / "results.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"history": history}))
+    sweep.main(["--summarize-only", "--results", str(results)])
+    if HAS_MATPLOTLIB:
+        assert (results / "forgetting_benign.png").read_bytes()[:4] == b"\x89PNG"
