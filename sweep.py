@@ -39,6 +39,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shlex
 import signal
@@ -49,6 +50,7 @@ import threading
 import time
 from pathlib import Path
 
+import align
 import train
 from intervals import as_arrays, bootstrap, paired_bootstrap
 from checkpoint import RESUME_MAY_CHANGE
@@ -77,8 +79,12 @@ def get_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated integers (default 0,1,2)")
     p.add_argument("--results", default="results", help="results directory (default results/)")
     p.add_argument("--summarize-only", action="store_true", help="rebuild the table and plot from finished runs")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine: one GPU each, or on a CPU an equal "
+                   "share of the cores each (default 1)")
     args, rest = p.parse_known_args(argv)  # allow_abbrev=False: --seed is not taken for --seeds; it is refused below
     args.results = Path(args.results)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.summarize_only and rest:
         p.error(f"--summarize-only runs nothing: {' '.join(rest)} would be ignored")
     return args, rest
@@ -146,15 +152,23 @@ def last_line(path):
     return lines[-1] if lines else "(no output)"
 
 
-def run_train(argv, log):
+def run_train(argv, log, env=None, cpus=None, procs=None):
     """train.py in its own session (the terminal's Ctrl-C reaches only the sweep); returns its exit status.
 
-    Ctrl-C or SIGTERM to the sweep is passed on as one SIGTERM per signal; the sweep waits for train.py to stop,
-    then raises KeyboardInterrupt."""
+    env: extra environment (a job's CUDA_VISIBLE_DEVICES or OMP_NUM_THREADS); cpus: the cores it may use. Alone
+    (procs None), Ctrl-C or SIGTERM to the sweep is passed on as one SIGTERM per signal; the sweep waits for train.py
+    to stop, then raises KeyboardInterrupt. With --jobs the main thread does that for every process in procs."""
     log.write(f"\n$ {shlex.join([Path(sys.executable).name, TRAIN.name, *argv])}\n")
     log.flush()
     proc = subprocess.Popen([sys.executable, str(TRAIN), *argv], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **(env or {})},
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    if procs is not None:  # a job of several: the main thread forwards the signals
+        procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            procs.discard(proc)
     stop = []
 
     def forward(signum, frame):
@@ -173,32 +187,88 @@ def run_train(argv, log):
     return rc
 
 
-def sweep(runs):
-    """Run what is not finished yet; returns the names of the failed runs."""
-    failed = []
+def run_one(out, argv, tag, stopping=(False,), **kw):
+    """One planned run, with the resume rules of the module docstring; returns whether it finished."""
+    if (out / "results.json").exists():
+        print(f"{tag}: finished, skipped", flush=True)
+        return True
+    stopped = (out / "ckpt" / "manifest.json").exists()
+    print(f"{tag}: {'resuming' if stopped else 'running'}, log {out / 'train.log'}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(out / "train.log", "a") as log:  # every attempt's output, each after its command line
+        rc = run_train([*argv, "--resume" if stopped else "--overwrite"], log, **kw)
+        if rc and stopped and not stopping[0]:  # e.g. the checkpoint does not fit these flags: train.py said why
+            print(f"{tag}: resuming failed ({last_line(out / 'train.log')}); starting over", flush=True)
+            rc = run_train([*argv, "--overwrite"], log, **kw)
+    if rc == 0 and (out / "results.json").exists():
+        r = json.loads((out / "results.json").read_text())
+        metrics = ", ".join(f"{label} {pct(r.get(k))}" for k, label in zip(METRICS, LABELS))
+        print(f"{tag}: done in {time.time() - t0:.0f}s: {metrics}", flush=True)
+        return True
+    print(f"{tag}: FAILED (exit {rc}): {last_line(out / 'train.log')}", flush=True)
+    return False
+
+
+def slots(jobs, device):
+    """Each job's share of the machine: one GPU each (CUDA_VISIBLE_DEVICES) where train.py runs on CUDA, else an equal
+    share of this process's cores (their affinity and OMP_NUM_THREADS)."""
+    import torch
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count()
+        if jobs > n:
+            sys.exit(f"error: --jobs {jobs}: only {n} GPUs here (one run per GPU)")
+        return [dict(env={"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(jobs)]
+    cores = sorted(os.sched_getaffinity(0))
+    if jobs > len(cores):
+        sys.exit(f"error: --jobs {jobs}: only {len(cores)} cores here (at least one a run)")
+    shares = [cores[i * len(cores) // jobs: (i + 1) * len(cores) // jobs] for i in range(jobs)]
+    return [dict(env={"OMP_NUM_THREADS": str(len(c))}, cpus=set(c)) for c in shares]
+
+
+def sweep(runs, shares=None, rest=()):
+    """Run what is not finished yet, one at a time or one in each of shares (slots) at once; returns the failed runs."""
+    jobs = len(shares) if shares else 1
     todo = sum(not (out / "results.json").exists() for out, _ in runs)
-    print(f"sweep: {len(runs)} runs, {len(runs) - todo} finished, {todo} to run")
-    for i, (out, argv) in enumerate(runs, 1):
-        tag = f"[{i}/{len(runs)}] {out.name}"
-        if (out / "results.json").exists():
-            print(f"{tag}: finished, skipped")
-            continue
-        stopped = (out / "ckpt" / "manifest.json").exists()
-        print(f"{tag}: {'resuming' if stopped else 'running'}, log {out / 'train.log'}", flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with open(out / "train.log", "a") as log:  # every attempt's output, each after its command line
-            rc = run_train([*argv, "--resume" if stopped else "--overwrite"], log)
-            if rc and stopped:  # e.g. the checkpoint does not fit these flags: train.py said why in the log
-                print(f"{tag}: resuming failed ({last_line(out / 'train.log')}); starting over", flush=True)
-                rc = run_train([*argv, "--overwrite"], log)
-        if rc == 0 and (out / "results.json").exists():
-            r = json.loads((out / "results.json").read_text())
-            metrics = ", ".join(f"{label} {pct(r.get(k))}" for k, label in zip(METRICS, LABELS))
-            print(f"{tag}: done in {time.time() - t0:.0f}s: {metrics}")
-        else:
-            failed.append(out.name)
-            print(f"{tag}: FAILED (exit {rc}): {last_line(out / 'train.log')}")
+    print(f"sweep: {len(runs)} runs, {len(runs) - todo} finished, {todo} to run" + (f", {jobs} at a time" if jobs > 1 else ""))
+    tags = [f"[{i}/{len(runs)}] {out.name}" for i, (out, _) in enumerate(runs, 1)]
+    if jobs == 1:
+        return [out.name for (out, argv), tag in zip(runs, tags) if not run_one(out, argv, tag)]
+    if not any("--model" == a.split("=")[0] for a in rest) and not (align.ALIGNED / "config.json").exists():
+        first = next((k for k, (out, _) in enumerate(runs) if not (out / "results.json").exists()), None)
+        if first is not None:  # the first run builds the aligned model; the others must find it built
+            print("the aligned model is not built yet: one run first, alone, builds it")
+            if not run_one(*runs[first], tags[first]):
+                return [runs[first][0].name] + sweep([r for k, r in enumerate(runs) if k != first], shares, rest)
+    procs, stopping, lock = set(), [False], threading.Lock()
+    queue, failed = list(zip(runs, tags)), []
+
+    def worker(slot):
+        while not stopping[0]:
+            with lock:
+                if not queue:
+                    return
+                (out, argv), tag = queue.pop(0)
+            if not run_one(out, argv, tag, procs=procs, stopping=stopping, **slot):
+                failed.append(out.name)
+
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in shares]
+    for t in threads:
+        t.start()
+    handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too stops the runs with a checkpoint
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.2)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every running train.py writes its checkpoint and stops
+        stopping[0] = True
+        for p in list(procs):
+            p.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, handler)
     return failed
 
 
@@ -467,9 +537,10 @@ def main(argv=None):
         if summarize(args.results) is None:
             sys.exit(1)
         return
+    shares = slots(args.jobs, check([*rest, "--method", "sft"], "flags").device) if args.jobs > 1 else None
     runs = plan(args, rest)
     try:
-        failed = sweep(runs)
+        failed = sweep(runs, shares, rest)
     except KeyboardInterrupt:
         sys.exit("stopped: run the same command again to go on")
     summarize(args.results)

@@ -305,3 +305,22 @@ def test_forgetting_curves_join_the_tasks_and_are_plotted(tmp_path):
     sweep.main(["--summarize-only", "--results", str(results)])
     if HAS_MATPLOTLIB:
         assert (results / "forgetting_benign.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_jobs_2_gives_the_table_of_jobs_1(tiny_checkpoint, tmp_path):
+    """Two runs at once, each on its own core (one thread each), give the same numbers as one at a time."""
+    def table(jobs):
+        results = tmp_path / f"jobs{jobs}"
+        sweep.main(["--methods", "sft,replay", "--scenarios", "poisoned", "--seeds", "0", "--jobs", str(jobs),
+                    "--results", str(results), "--model", str(tiny_checkpoint), *FAST])
+        with open(results / "summary.csv") as f:
+            return [{k: v for k, v in r.items() if k not in ("train_seconds", "total_seconds", "out")} for r in csv.DictReader(f)]
+    assert table(2) == table(1) and len(table(1)) == 2
+
+
+def test_jobs_are_checked(tmp_path, capsys):
+    for jobs, message in (("0", "--jobs must be at least 1"), ("99", "--jobs 99: only")):
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["--methods", "sft", "--jobs", jobs, "--results", str(tmp_path), "--device", "cpu", "--model", "x"])
+        assert message in str(e.value.code) + capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
