@@ -34,7 +34,8 @@ class Checkpoints:
 
     A checkpoint is written every `every` optimizer steps, after a task's last step, and after the step
     in which SIGTERM, Ctrl-C or --stop-after (`stop_after` steps of the whole run) asked the run to
-    stop; Stopped is raised after that one. A second Ctrl-C stops at once, without a checkpoint. The
+    stop; Stopped is raised after that one. A second Ctrl-C (2 s or more after the first) stops at once,
+    without a checkpoint. The
     run-level part of the manifest (which task, the finished tasks' results, the config) is what
     train.py passes to the constructor and to begin_task.
     """
@@ -60,9 +61,13 @@ class Checkpoints:
         self.handlers = {}
 
     def on_signal(self, signum, frame):
-        if self.stop:  # asked twice: stop now, without a checkpoint
+        # asked twice: stop now, without a checkpoint; but not for one signal delivered twice at once (a cluster
+        # signals every process of a job, and the sweep passes its own signal on to train.py too)
+        if self.stop and time.time() - self.stopped_at > 2:
             raise KeyboardInterrupt
-        self.stop.append(signal.Signals(signum).name)
+        if not self.stop:
+            self.stop.append(signal.Signals(signum).name)
+            self.stopped_at = time.time()
 
     def due(self, done, total):
         """Is a checkpoint due after step `done` of the task's `total`?"""

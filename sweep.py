@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -81,10 +82,21 @@ def get_args(argv=None):
     p.add_argument("--summarize-only", action="store_true", help="rebuild the table and plot from finished runs")
     p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine: one GPU each, or on a CPU an equal "
                    "share of the cores each (default 1)")
+    p.add_argument("--slurm", action="store_true", help="submit the runs as one Slurm job array (sbatch), one array task a run")
+    p.add_argument("--slurm-partition", help="--slurm: the partition (sbatch --partition)")
+    p.add_argument("--slurm-gpus", type=int, help="--slurm: GPUs per run (sbatch --gres=gpu:N)")
+    p.add_argument("--slurm-time", help="--slurm: time limit per run (sbatch --time, e.g. 2:00:00)")
+    p.add_argument("--slurm-extra", default="", help='--slurm: any other sbatch flags, e.g. "--account=x --qos=y"')
+    p.add_argument("--wait", action="store_true", help="--slurm: wait for the array to finish, then write the table")
+    p.add_argument("--slurm-task", type=int, help=argparse.SUPPRESS)  # an array task: run RESULTS/slurm/plan.json[N]
     args, rest = p.parse_known_args(argv)  # allow_abbrev=False: --seed is not taken for --seeds; it is refused below
     args.results = Path(args.results)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.slurm and args.jobs > 1:
+        p.error("--slurm and --jobs: Slurm places the runs itself")
+    if (args.slurm_partition or args.slurm_gpus or args.slurm_time or args.slurm_extra or args.wait) and not args.slurm:
+        p.error("--slurm-* and --wait go with --slurm")
     if args.summarize_only and rest:
         p.error(f"--summarize-only runs nothing: {' '.join(rest)} would be ignored")
     return args, rest
@@ -270,6 +282,71 @@ def sweep(runs, shares=None, rest=()):
     finally:
         signal.signal(signal.SIGTERM, handler)
     return failed
+
+
+# ----------------------------------------------------------------------------- Slurm
+def submit(runs, args):
+    """The runs as one Slurm job array: RESULTS/slurm/plan.json (each run's out and argv) and array.sbatch, submitted
+    with sbatch; one array task a run, with the same resume rules. Finished runs are left out. When the aligned model is
+    not built yet, the first run is its own job and the array waits for it. Returns the job ids."""
+    for tool in ("sbatch", "squeue"):
+        if not shutil.which(tool):
+            sys.exit(f"error: --slurm: no {tool} on PATH (is this a Slurm login node?)")
+    d = args.results / "slurm"
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / "plan.json", [{"out": str(out), "argv": argv} for out, argv in runs])
+    todo = [i for i, (out, _) in enumerate(runs) if not (out / "results.json").exists()]
+    if not todo:
+        print("every run is finished: nothing to submit")
+        return []
+    here = Path(__file__).resolve().parent
+    lines = ["#!/bin/bash", "#SBATCH --job-name=unforgotten", f"#SBATCH --output={d.resolve()}/%A_%a.log",
+             "#SBATCH --open-mode=append", "#SBATCH --requeue",  # pre-empted: requeued, and the run resumes
+             "#SBATCH --signal=B:TERM@120"]  # SIGTERM 2 min before the time limit: train.py writes a checkpoint
+    lines += [f"#SBATCH --partition={args.slurm_partition}"] if args.slurm_partition else []
+    lines += [f"#SBATCH --gres=gpu:{args.slurm_gpus}"] if args.slurm_gpus else []
+    lines += [f"#SBATCH --time={args.slurm_time}"] if args.slurm_time else []
+    lines += [f"cd {shlex.quote(str(Path.cwd()))}",
+              f"exec {shlex.quote(sys.executable)} {shlex.quote(str(here / 'sweep.py'))} --results "
+              f"{shlex.quote(str(args.results))} --slurm-task \"$SLURM_ARRAY_TASK_ID\""]
+    (d / "array.sbatch").write_text("\n".join(lines) + "\n")
+    n, first = len(todo), []
+    uses_default = not any(a.split("=")[0] == "--model" for a in runs[0][1])
+    if uses_default and not (align.ALIGNED / "config.json").exists():  # one job builds it; the others then find it
+        first, todo = [sbatch(args, d, [todo[0]])], todo[1:]
+    ids = first + ([sbatch(args, d, todo, after=first[0] if first else None)] if todo else [])
+    print(f"submitted {n} runs as Slurm job(s) {', '.join(ids)}; logs in {d}; "
+          f"`python sweep.py --summarize-only --results {args.results}` when they are done")
+    return ids
+
+
+def sbatch(args, d, indices, after=None):
+    cmd = ["sbatch", "--parsable", f"--array={','.join(map(str, indices))}", *shlex.split(args.slurm_extra),
+           *([f"--dependency=afterany:{after}"] if after else []), str(d / "array.sbatch")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"error: sbatch failed: {(proc.stderr.strip().splitlines() or ['(no message)'])[-1]}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def wait_for(ids, every=5):
+    """Until none of the jobs is pending or running (squeue, as users run it)."""
+    while ids:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True)
+        if proc.returncode == 0 and not proc.stdout.strip():
+            return
+        time.sleep(every)
+
+
+def slurm_task(args):
+    """One array task: run plan.json[N] by the sweep's resume rules; exit 0 when it finished."""
+    plan = json.loads((args.results / "slurm" / "plan.json").read_text())
+    out, argv = Path(plan[args.slurm_task]["out"]), plan[args.slurm_task]["argv"]
+    try:
+        ok = run_one(out, argv, f"[{args.slurm_task + 1}/{len(plan)}] {out.name}")
+    except KeyboardInterrupt:  # SIGTERM (time limit, pre-emption): train.py wrote its checkpoint; a requeue resumes
+        sys.exit(f"{out.name}: stopped with a checkpoint; requeued, it resumes")
+    sys.exit(0 if ok else 1)
 
 
 def pct(x):
@@ -537,8 +614,16 @@ def main(argv=None):
         if summarize(args.results) is None:
             sys.exit(1)
         return
+    if args.slurm_task is not None:
+        return slurm_task(args)
     shares = slots(args.jobs, check([*rest, "--method", "sft"], "flags").device) if args.jobs > 1 else None
     runs = plan(args, rest)
+    if args.slurm:
+        ids = submit(runs, args)
+        if args.wait:
+            wait_for(ids)
+            summarize(args.results)
+        return
     try:
         failed = sweep(runs, shares, rest)
     except KeyboardInterrupt:
