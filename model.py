@@ -74,7 +74,7 @@ class ModelConfig:
     sandwich_norm: bool = False  # Gemma 2/3: attention and MLP outputs normed too, before the residual add
     attn_scale: float | None = None  # Gemma 2/3: query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
     attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the softmax
-    final_softcap: float | None = None  # Gemma 2: the same on the logits
+    final_softcap: float | None = None  # Gemma 2 (and 3, where set): the same on the logits
     hf: dict = field(default_factory=dict, repr=False)  # the config.json we came from, saved back as is
 
     def sliding(self, i) -> bool:
@@ -124,7 +124,8 @@ class ModelConfig:
         cfg.qk_norm, cfg.sandwich_norm = mt in ("qwen3", "gemma3_text"), mt in ("gemma2", "gemma3_text")
         if mt in ("gemma2", "gemma3_text"):
             cfg.attn_scale = get("query_pre_attn_scalar", float) ** -0.5
-            cfg.attn_softcap = get("attn_logit_softcapping", float, None, null=True)
+            # transformers' Gemma3Attention reads attn_logit_softcapping but never applies it: so neither do we
+            cfg.attn_softcap = get("attn_logit_softcapping", float, None, null=True) if mt == "gemma2" else None
             cfg.final_softcap = get("final_logit_softcapping", float, None, null=True)
             if get("use_bidirectional_attention", bool, False, null=True):
                 raise ValueError(f"{where}: use_bidirectional_attention (an encoder) is not supported")
@@ -180,7 +181,7 @@ def _gemma3_text_config(hf, where):
     if not isinstance(text, dict):
         raise ValueError(f"{where}: a gemma3 config needs a text_config object")
     ids = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
-    return {**DEFAULTS["gemma3_text"], **GEMMA3_TEXT_SIZES, "tie_word_embeddings": hf.get("tie_word_embeddings", True),
+    return {**GEMMA3_TEXT_SIZES, "tie_word_embeddings": hf.get("tie_word_embeddings", True),
             **ids, **text, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
 
 

@@ -224,6 +224,20 @@ def test_bad_config_of_the_new_families(tmp_path, kind, changes, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kind", ["qwen2-sliding", "qwen3-sliding", "gemma2", "gemma3_text"])
+def test_layer_types_derived_as_transformers_does_when_absent(kind, tmp_path):
+    """Files written before transformers listed layer_types: Qwen's max_window_layers, Gemma 2's alternation and
+    Gemma 3's sliding_window_pattern decide which layers slide."""
+    _, path = make_hf(kind, tmp_path)
+    edit_config(path, layer_types=None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
+    ours = Transformer.from_pretrained(path, dtype=torch.float32)
+    assert ours.sliding == [t == "sliding_attention" for t in hf.config.layer_types] and any(ours.sliding)
+    idx = torch.randint(0, BASE["vocab_size"], (1, 40))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+
+
 def test_gemma3_text_config_takes_transformers_defaults(tmp_path):
     """A real gemma3 config.json's text_config lists only what differs from Gemma3TextConfig (Gemma 3 4B's: sizes,
     sliding_window, rope_scaling): the rest are transformers' defaults, as transformers reads them."""
