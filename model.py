@@ -106,10 +106,10 @@ class ModelConfig:
         # Gemma 3: one object per layer type in rope_parameters, or rope_theta / rope_local_base_freq / rope_scaling.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         per_type = mt == "gemma3_text" and isinstance(rope, dict) and set(rope) & set(LAYER_TYPES)
-        cfg.rope_theta, cfg.rope_scaling = _rope(rope.get("full_attention") or {} if per_type else rope,
+        cfg.rope_theta, cfg.rope_scaling = _rope((rope.get("full_attention") or {}) if per_type else rope,
                                                  get("rope_theta", float, 10000.0), where)
         if mt == "gemma3_text":
-            local = rope.get("sliding_attention") or {} if per_type else {}
+            local = (rope.get("sliding_attention") or {}) if per_type else {}
             cfg.local_rope_theta, scaling = _rope(local, get("rope_local_base_freq", float), where)
             if scaling:
                 raise ValueError(f"{where}: rope scaling of the sliding-window layers is not supported")
@@ -386,9 +386,9 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False  # activation checkpointing per block (train.py --grad-ckpt)
 
     def compile_blocks(self, **kw):
-        """torch.compile each decoder block in place (regional compilation): the blocks are identical, so
-        one compiled graph serves all of them and start-up takes seconds instead of minutes; parameter
-        names do not change (no `_orig_mod.` in anything saved)."""
+        """torch.compile each decoder block in place (regional compilation): the blocks are identical (sliding and
+        global layers differ only in the mask they are given), so one compiled graph serves all of them and start-up
+        takes seconds instead of minutes; parameter names do not change (no `_orig_mod.` in anything saved)."""
         for layer in self.model.layers:
             layer.compile(**kw)
         return self
