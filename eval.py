@@ -405,6 +405,8 @@ def main(argv=None):
                    "Llama-Guard judge, the peers' protocol; as train.py)")
     p.add_argument("--batch-size", type=int, default=64, help="generation batch size, of the judge too")
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
+    p.add_argument("--thinking", action="store_true", help="qwen3: let the model think (the generation prompt without "
+                   "the empty <think></think> block that turns thinking off by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 weights (default on CUDA and on CPUs with AVX512-BF16 "
                    "or AMX, as train.py); fp32 elsewhere")
@@ -432,7 +434,7 @@ def main(argv=None):
         sensitive = data.load_prompts(args.sensitive, args.data_dir) if args.sensitive else []
         tasks = {t: (data.load_task(t, "test", args.n_task, data_dir=args.data_dir), task_metric(t))
                  for t in args.task.split(",") if t}
-        tok = Tokenizer.from_pretrained(args.model, chat_format=args.chat_format)
+        tok = Tokenizer.from_pretrained(args.model, chat_format=args.chat_format, thinking=args.thinking)
         model = Transformer.from_pretrained(args.model, device=args.device, dtype=dtype)
         check_lengths(tok, harmful + sensitive, args.max_new_tokens, model.config.max_seq_len)
         if args.adapter:

@@ -87,6 +87,8 @@ def get_args(argv=None):
                    "llama-guard:DIR, a local Llama-Guard-3 checkpoint (see eval.py); several comma-separated: the first "
                    "decides ASR, each is reported with their agreement")
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
+    p.add_argument("--thinking", action="store_true", help="qwen3: let the model think (the generation prompt without "
+                   "the empty <think></think> block that turns thinking off by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: bf16 frozen weights, fp32 LoRA, autocast (default on "
                    "CUDA and on CPUs with AVX512-BF16 or AMX); fp32 elsewhere")
@@ -186,7 +188,7 @@ def run(args):
         poison_source = align.poison_file() if args.poison_data == "generated" else args.poison_data
     torch.manual_seed(args.seed)  # after, not before, the alignment: building it (first run only) draws from both
     random.seed(args.seed)
-    tok = Tokenizer.from_pretrained(model_dir, chat_format=args.chat_format)
+    tok = Tokenizer.from_pretrained(model_dir, chat_format=args.chat_format, thinking=args.thinking)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     print(describe_dtype(args.dtype, args.device))
     model = Transformer.from_pretrained(model_dir, device="cpu" if args.fsdp else args.device, dtype=dtype)  # FSDP: shards go to the GPU
@@ -384,7 +386,8 @@ def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, e
     """The starting model's metrics, cached: every run from the same checkpoint and eval settings shares them."""
     key = json.dumps([str(Path(model_dir).resolve()), (Path(model_dir) / "config.json").stat().st_mtime, tok.chat_format,
                       harmful, sensitive, {t: e for t, (e, _) in test_sets.items()}, args.max_new_tokens,
-                      args.eval_batch_size, args.judge, args.dtype], sort_keys=True)
+                      args.eval_batch_size, args.judge, args.dtype] + (["thinking"] if tok.thinking else []),  # old keys stay
+                     sort_keys=True)
     cache = Path(__file__).parent / "checkpoints" / "eval-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if cache.exists() and "answers" in (cached := json.loads(cache.read_text())):  # older caches kept no answers
         print(f"starting model {model_dir}: metrics from {cache}")

@@ -160,6 +160,30 @@ def test_eval_counts_verdicts_categories_and_parse_failures(tiny_llama3, guards,
     assert "1 replies not parsed" in out and "S1 Violent Crimes 1" in out and "over-refusal" in out
 
 
+# the model under evaluation in each new family: tiny random weights, its real chat template, sliding windows
+NEW_FAMILIES = {"qwen3": dict(model_type="qwen3", head_dim=16, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+                "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
+                "gemma3": dict(model_type="gemma3_text", head_dim=16, sliding_window=8, sliding_window_pattern=2)}
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_eval_and_train_judge_a_model_of_each_new_family(family, guards, tmp_path):
+    """Llama Guard judges the answers of a Qwen3 / Gemma 2 / Gemma 3 model, through eval.py and train.py."""
+    import train
+    from test_train import FAST
+    path = make_checkpoint(str(tmp_path / "model"), family)
+    hf = dict(vocab_size=Tokenizer.from_pretrained(path).vocab_size, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              rms_norm_eps=1e-5, torch_dtype="float32", **NEW_FAMILIES[family])
+    torch.manual_seed(0)
+    Transformer(ModelConfig.from_hf(hf)).save_pretrained(path)
+    res = run_eval(path, guards["8b"], tmp_path / "r.json")
+    assert res["n_harmful"] == 3 and 0 <= res["asr"] <= 1 and all(isinstance(s["judge_reply"], str) for s in res["harmful_samples"])
+    res = train.main(["--model", path, "--judge", f"llama-guard:{guards['1b']}", "--out", str(tmp_path / "run"), *FAST])
+    assert res["judge"] == f"llama-guard:{guards['1b']}" and 0 <= res["asr"] <= 1
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_judge_errors(tiny_llama3, tmp_path):
     for spec, words in (("nope", "unknown judge"), ("llama-guard:", "unknown judge"),
                         (f"llama-guard:{tmp_path / 'missing'}", "no such checkpoint")):
