@@ -82,5 +82,5 @@ def test_gpu_suite_runs_through_on_a_tiny_shape(tiny_checkpoint, tmp_path, monke
     assert res["rows"]["generate"]["generate_hf"]["tokens_per_s"] > 0
     assert "no checkpoint" in res["rows"]["broken"]["error"]
     assert "error" not in res["train_py"], res["train_py"]
-    assert res["train_py"]["first_step_s"] > 0 and res["train_py"]["step_s"] > 0 and res["train_py"]["eval_s"] > 0
+    assert res["train_py"]["first_step_s"] > 0 and res["train_py"]["step_s"] > 0 and res["train_py"]["eval_s"] >= 0
     assert json.loads((tmp_path / "gpu.json").read_text())["train_py"] == res["train_py"]
