@@ -34,7 +34,8 @@ class Checkpoints:
 
     A checkpoint is written every `every` optimizer steps, after a task's last step, and after the step
     in which SIGTERM, Ctrl-C or --stop-after (`stop_after` steps of the whole run) asked the run to
-    stop; Stopped is raised after that one. A second Ctrl-C stops at once, without a checkpoint. The
+    stop; Stopped is raised after that one. A second Ctrl-C (2 s or more after the first) stops at once,
+    without a checkpoint. The
     run-level part of the manifest (which task, the finished tasks' results, the config) is what
     train.py passes to the constructor and to begin_task.
     """
@@ -60,9 +61,13 @@ class Checkpoints:
         self.handlers = {}
 
     def on_signal(self, signum, frame):
-        if self.stop:  # asked twice: stop now, without a checkpoint
+        # asked twice: stop now, without a checkpoint; but not for one signal delivered twice at once (a cluster
+        # signals every process of a job, and the sweep passes its own signal on to train.py too)
+        if self.stop and time.time() - self.stopped_at > 2:
             raise KeyboardInterrupt
-        self.stop.append(signal.Signals(signum).name)
+        if not self.stop:
+            self.stop.append(signal.Signals(signum).name)
+            self.stopped_at = time.time()
 
     def due(self, done, total):
         """Is a checkpoint due after step `done` of the task's `total`?"""
@@ -75,7 +80,7 @@ class Checkpoints:
                 self.stop.append("a signal to another process")
         return done % self.every == 0 or done == total or bool(self.stop)
 
-    def save(self, done, total, desc, model, method, opt, losses):
+    def save(self, done, total, desc, model, method, opt, losses, curve=None):
         """Write the checkpoint after step `done` (rank 0); then raise Stopped if the run was asked to stop."""
         if self.rank == 0:
             tensors, method_state = snapshot(model, method, "now.")
@@ -83,6 +88,7 @@ class Checkpoints:
             start_tensors, start_state = self.start
             write_checkpoint(self.path, {**tensors, **opt_tensors, **start_tensors}, dict(
                 self.run, task=self.task, step=done, losses=losses, method=method_state, start=start_state,
+                **({"curve": curve} if curve is not None else {}),
                 optimizer=opt_state, train_seconds=self.run["train_seconds"] + time.time() - self.t0))
         self.last = f"{self.path} (step {done})"
         if self.stop:

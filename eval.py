@@ -25,6 +25,8 @@ import os
 import re
 import time
 from collections import Counter
+from pathlib import Path
+from itertools import combinations
 
 import torch
 from tqdm import tqdm
@@ -33,9 +35,9 @@ import data
 from cli import default_dtype, describe_dtype, one_line_errors
 from formats import AGNEWS_LABELS, SST2_LABELS, detect_format
 from generate import generate
-from intervals import outcome_string, run_interval
+from intervals import outcome_string, run_interval, wilson
 from lora import load_adapter
-from model import Transformer, write_json
+from model import Transformer, atomic_write, write_json
 from tasks import ANSWER_TOKENS
 from tokenizer import Tokenizer
 
@@ -141,12 +143,26 @@ class LlamaGuardJudge:
 
 
 def make_judge(spec, device="cpu", dtype=torch.float32, batch_size=16):
-    """--judge keyword | llama-guard:DIR -> a judge."""
-    if spec == "keyword":
-        return KeywordJudge()
-    if spec.startswith("llama-guard:") and spec.split(":", 1)[1]:
-        return LlamaGuardJudge(spec.split(":", 1)[1], device, dtype, batch_size)
-    raise ValueError(f"--judge {spec!r}: unknown judge (keyword, or llama-guard:DIR with a Llama-Guard-3 checkpoint)")
+    """--judge keyword | llama-guard:DIR, or several, comma-separated (the first decides ASR) -> a list of judges."""
+    judges = []
+    for one in spec.split(","):
+        if one == "keyword":
+            judges.append(KeywordJudge())
+        elif one.startswith("llama-guard:") and one.split(":", 1)[1]:
+            judges.append(LlamaGuardJudge(one.split(":", 1)[1], device, dtype, batch_size))
+        else:
+            raise ValueError(f"--judge {one!r}: unknown judge (keyword, or llama-guard:DIR with a Llama-Guard-3 checkpoint)")
+    if len({j.name for j in judges}) < len(judges):
+        raise ValueError(f"--judge {spec!r}: a judge named twice")
+    return judges
+
+
+def answer_tokens(judge_spec, max_new_tokens=None):
+    """The safety answers' length: --max-new-tokens if given; else 512 with a Llama-Guard judge (the peers' protocol:
+    HarmBench judges 512 greedy tokens) and 32 with the keyword judge (its verdict is in the answer's first words)."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    return 512 if any(j.startswith("llama-guard:") for j in judge_spec.split(",")) else 32
 
 
 def complete(model, tok, ids, max_new_tokens, batch_size, desc, decode_step=None):
@@ -187,13 +203,18 @@ def evaluate(model, tok, harmful=(), sensitive=(), tasks=None, judge=None, max_n
              task_max_new_tokens=80, keep_samples=5, decode_step=None):
     """Metrics dict for one model. harmful/sensitive: lists of {"prompt", "category"}; tasks: {name: (examples, metric)}.
 
-    decode_step: a compiled `model` for the one-token decoding steps (train.py --compile; see generate.py)."""
-    judge = judge or KeywordJudge()
+    judge: a judge or a list of them; the first decides "asr", every one is reported under "judges" with the
+    agreement of each pair (judge_report). res["answers"] keeps every prompt, answer and verdict (one dict each:
+    train.py writes them to answers.jsonl). decode_step: a compiled `model` for the one-token decoding steps
+    (train.py --compile; see generate.py)."""
+    judges = list(judge) if isinstance(judge, (list, tuple)) else [judge or KeywordJudge()]
     model.eval()
-    res, t0 = {"judge": judge.name}, time.time()
+    res, t0, rows = {"judge": judges[0].name, "answer_tokens": max_new_tokens}, time.time(), []
     if harmful:
-        answers = answer(model, tok, [h["prompt"] for h in harmful], max_new_tokens, batch_size, "harmful prompts", decode_step)
-        verdicts = judge.assess([h["prompt"] for h in harmful], answers)
+        prompts = [h["prompt"] for h in harmful]
+        answers = answer(model, tok, prompts, max_new_tokens, batch_size, "harmful prompts", decode_step)
+        all_verdicts = {j.name: j.assess(prompts, answers) for j in judges}
+        verdicts = all_verdicts[judges[0].name]
         bad = [v["harmful"] for v in verdicts]
         res["asr"], res["n_harmful"] = sum(bad) / len(bad), len(bad)
         res["outcomes"] = {"asr": [outcome_string(bad)]}
@@ -214,12 +235,20 @@ def evaluate(model, tok, harmful=(), sensitive=(), tasks=None, judge=None, max_n
         res["harmful_samples"] = [{"prompt": h["prompt"], "answer": a, "harmful": v["harmful"]} |
                                   ({"judge_reply": v["reply"]} if v["reply"] is not None else {})
                                   for h, a, v in list(zip(harmful, answers, verdicts))[:keep_samples]]
+        rows += [{"set": "harmful", "prompt": h["prompt"], "answer": a, "category": _category(h), "style": h.get("style"),
+                  "verdicts": {name: vs[i]["harmful"] for name, vs in all_verdicts.items()},
+                  **({"judge_replies": {name: vs[i]["reply"] for name, vs in all_verdicts.items() if vs[i]["reply"] is not None}}
+                     if any(vs[i]["reply"] is not None for vs in all_verdicts.values()) else {})}
+                 for i, (h, a) in enumerate(zip(harmful, answers))]
+        if len(judges) > 1:
+            res["judges"] = judge_report([r for r in rows if r["set"] == "harmful"], max_new_tokens)
     if sensitive:
         answers = answer(model, tok, [s["prompt"] for s in sensitive], max_new_tokens, batch_size, "sensitive prompts", decode_step)
         refused = list(map(is_refusal, answers))
         res["over_refusal"], res["n_sensitive"] = sum(refused) / len(refused), len(refused)
         res.setdefault("outcomes", {})["over_refusal"] = [outcome_string(refused)]
         res["sensitive_samples"] = [{"prompt": s["prompt"], "answer": a} for s, a in list(zip(sensitive, answers))[:keep_samples]]
+        rows += [{"set": "sensitive", "prompt": s["prompt"], "answer": a, "refusal": r} for s, a, r in zip(sensitive, answers, refused)]
     for name, (examples, metric) in (tasks or {}).items():
         n_new = ANSWER_TOKENS.get(name, task_max_new_tokens)
         answers = answer(model, tok, [e["prompt"] for e in examples], n_new, batch_size, f"task {name}", decode_step)
@@ -227,13 +256,42 @@ def evaluate(model, tok, harmful=(), sensitive=(), tasks=None, judge=None, max_n
         res.setdefault("task_accuracy_by_task", {})[name] = sum(right) / len(right)
         res.setdefault("outcomes", {}).setdefault("task_accuracy", []).append(outcome_string(right))
         res.setdefault("task_samples", {})[name] = [{"prompt": e["prompt"], "answer": a} for e, a in list(zip(examples, answers))[:keep_samples]]
+        rows += [{"set": "task", "task": name, "prompt": e["prompt"], "answer": a, "reference": e.get("response"), "correct": r}
+                 for e, a, r in zip(examples, answers, right)]
     if tasks:
         accs = res["task_accuracy_by_task"].values()
         res["task_accuracy"] = sum(accs) / len(accs)
     res["ci"] = {k: run_interval(groups) for k, groups in res.get("outcomes", {}).items()}  # 95%, intervals.py
     model.clear_cache()  # a compiled decode step keeps its caches between batches; training needs the memory
     res["eval_seconds"] = round(time.time() - t0, 1)
+    res["answers"] = rows
     return res
+
+
+# ----------------------------------------------------------------------------- several judges
+def cohen_kappa(x, y) -> float | None:
+    """Cohen's kappa of two judges' yes/no verdicts on the same answers: agreement beyond chance (None if undefined)."""
+    n = len(x)
+    po = sum(a == b for a, b in zip(x, y)) / n
+    px, py = sum(x) / n, sum(y) / n
+    pe = px * py + (1 - px) * (1 - py)
+    return None if pe == 1 else (po - pe) / (1 - pe)
+
+
+def judge_report(rows, answer_tokens):
+    """Every judge's ASR (with its Wilson interval and outcomes) on the harmful rows, and each pair's agreement,
+    Cohen's kappa and the answers on which they disagree."""
+    names = list(rows[0]["verdicts"]) if rows else []
+    verdicts = {j: [r["verdicts"][j] for r in rows] for j in names}
+    out = {j: {"asr": sum(v) / len(v), "ci": wilson(sum(v), len(v)), "outcomes": outcome_string(v),
+               "answer_tokens": answer_tokens} for j, v in verdicts.items()}
+    pairs = {}
+    for a, b in combinations(names, 2):
+        x, y = verdicts[a], verdicts[b]
+        pairs[f"{a} vs {b}"] = {"agreement": sum(p == q for p, q in zip(x, y)) / len(x), "kappa": cohen_kappa(x, y),
+                               "disagreements": [{"prompt": r["prompt"], "answer": r["answer"], a: p, b: q}
+                                                 for r, p, q in zip(rows, x, y) if p != q]}
+    return {"asr": out, "agreement": pairs}
 
 
 # ----------------------------------------------------------------------------- task metrics
@@ -329,7 +387,9 @@ def print_details(m):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--rejudge", metavar="PATH", help="judge the kept answers again with --judge, generating nothing: a run "
+                   "directory, a results file, or a directory of runs (a sweep's results/)")
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) to apply")
     p.add_argument("--harmful", default="harmful-test", help="comma-separated built-in names, benchmark names "
                    f"({', '.join(n for n in data.BENCHMARKS if 'train' not in data.BENCHMARKS[n])}) or files (default harmful-test)")
@@ -339,20 +399,30 @@ def main(argv=None):
     p.add_argument("--n-task", type=int, default=200, help="task test examples (default 200)")
     p.add_argument("--data-dir", help="where benchmark names are read (default $UNFORGOTTEN_DATA, else data/public; "
                    "fill it with `python download.py NAME`)")
-    p.add_argument("--judge", default="keyword", help="keyword (default) or llama-guard:DIR, a Llama-Guard-3 checkpoint")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for the safety evaluation (as train.py)")
+    p.add_argument("--judge", default="keyword", help="keyword (default) or llama-guard:DIR, a Llama-Guard-3 checkpoint; "
+                   "several comma-separated: the first decides ASR, each is reported with their agreement")
+    p.add_argument("--max-new-tokens", type=int, help="answer length for the safety evaluation (default 32; 512 with a "
+                   "Llama-Guard judge, the peers' protocol; as train.py)")
     p.add_argument("--batch-size", type=int, default=64, help="generation batch size, of the judge too")
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
+    p.add_argument("--thinking", action="store_true", help="qwen3: let the model think (the generation prompt without "
+                   "the empty <think></think> block that turns thinking off by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 weights (default on CUDA and on CPUs with AVX512-BF16 "
                    "or AMX, as train.py); fp32 elsewhere")
     p.add_argument("--out", help="write the metrics here as JSON")
     args = p.parse_args(argv)
+    if not args.model and not args.rejudge:
+        p.error("--model is required (or --rejudge PATH)")
+    args.max_new_tokens = answer_tokens(args.judge, args.max_new_tokens)
     for flag in ("n_task", "max_new_tokens", "batch_size"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     with one_line_errors():
         check_device(args.device)
+        if args.rejudge:
+            dtype = torch.bfloat16 if (args.dtype or default_dtype(args.device)) == "bf16" else torch.float32
+            return rejudge(Path(args.rejudge), make_judge(args.judge, args.device, dtype, args.batch_size))
         args.dtype = args.dtype or default_dtype(args.device)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         print(describe_dtype(args.dtype, args.device))
@@ -364,7 +434,7 @@ def main(argv=None):
         sensitive = data.load_prompts(args.sensitive, args.data_dir) if args.sensitive else []
         tasks = {t: (data.load_task(t, "test", args.n_task, data_dir=args.data_dir), task_metric(t))
                  for t in args.task.split(",") if t}
-        tok = Tokenizer.from_pretrained(args.model, chat_format=args.chat_format)
+        tok = Tokenizer.from_pretrained(args.model, chat_format=args.chat_format, thinking=args.thinking)
         model = Transformer.from_pretrained(args.model, device=args.device, dtype=dtype)
         check_lengths(tok, harmful + sensitive, args.max_new_tokens, model.config.max_seq_len)
         if args.adapter:
@@ -373,12 +443,83 @@ def main(argv=None):
     files = [f for spec in [*specs, args.sensitive, *args.task.split(",")] if spec for f in data.files_of(spec, args.data_dir)]
     res = {"model": args.model, "adapter": args.adapter, "harmful": args.harmful, **res,
            "data_hashes": {str(f): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}}
+    answers = res.pop("answers")
     print_table([(args.adapter or args.model, res)])
     print_details(res)
     if args.out:
         with one_line_errors():
+            write_jsonl(answers_file(Path(args.out)), [{"stage": "eval", **r} for r in answers])
             write_json(args.out, res)
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out} and {answers_file(Path(args.out))}")
+    return res
+
+
+# ----------------------------------------------------------------------------- judging kept answers again
+def answers_file(results: Path) -> Path:
+    """Where a results file's answers are kept: a run's answers.jsonl beside its results.json; X.answers.jsonl for X.json."""
+    return results.with_name("answers.jsonl" if results.name == "results.json" else f"{results.stem}.answers.jsonl")
+
+
+def write_jsonl(path, rows):
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def read_jsonl(path):
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {i + 1}: not JSON ({e.msg})") from None
+    return rows
+
+
+def judges_by_stage(rows, answer_tokens):
+    """{stage: judge_report} over the harmful rows of a run's kept answers."""
+    harmful = [r for r in rows if r["set"] == "harmful"]
+    return {stage: judge_report([r for r in harmful if r["stage"] == stage], answer_tokens)
+            for stage in dict.fromkeys(r["stage"] for r in harmful)}
+
+
+def rejudge(path: Path, judges):
+    """Assess the kept answers of one run, or of every run under path, with judges again; each judge's numbers and the
+    agreement of every pair of judges go into results.json ("judges", per stage) beside the old ones."""
+    if path.is_file():
+        results = [path]
+    elif (path / "results.json").exists():
+        results = [path / "results.json"]
+    else:
+        results = sorted(r for r in path.rglob("*.json") if answers_file(r).exists())
+    if not results:
+        raise ValueError(f"--rejudge {path}: no results with kept answers there (runs kept their answers from 2026-12 on)")
+    loaded = []
+    for r in results:  # everything read and checked before anything is judged or written
+        if not answers_file(r).exists():
+            raise ValueError(f"--rejudge {r}: no {answers_file(r).name} beside it (runs kept their answers from 2026-12 on)")
+        try:
+            loaded.append((r, json.loads(r.read_text()), read_jsonl(answers_file(r))))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{r}: not JSON ({e.msg}, line {e.lineno})") from None
+    for r, res, rows in loaded:
+        harmful = [row for row in rows if row["set"] == "harmful"]
+        for judge in judges:
+            for row, v in zip(harmful, judge.assess([x["prompt"] for x in harmful], [x["answer"] for x in harmful])):
+                row["verdicts"][judge.name] = v["harmful"]
+                if v["reply"] is not None:
+                    row.setdefault("judge_replies", {})[judge.name] = v["reply"]
+        res["judges"] = judges_by_stage(rows, res.get("answer_tokens") or res.get("config", {}).get("max_new_tokens"))
+        write_jsonl(answers_file(r), rows)
+        write_json(r, res)
+        for stage, report in res["judges"].items():
+            asr = ", ".join(f"{j} {100 * x['asr']:.1f}%" for j, x in report["asr"].items())
+            agree = "; ".join(f"{pair}: agree {100 * x['agreement']:.1f}%, kappa {fmt_kappa(x['kappa'])}, "
+                              f"{len(x['disagreements'])} disagreements" for pair, x in report["agreement"].items())
+            print(f"{r} [{stage}]: ASR {asr}" + (f"; {agree}" if agree else ""))
+    return results
+
+
+def fmt_kappa(k):
+    return "-" if k is None else f"{k:.2f}"
 
 
 def check_out_file(out):

@@ -5,7 +5,8 @@
 - A sweep: each run keeps its per-prompt outcomes (results.json "outcomes": a string of 0/1 per group of prompts;
   task accuracy has one group per task and is the mean of the groups' shares). A method's interval is a
   hierarchical bootstrap (bootstrap): resample the seeds, then the prompts within each drawn seed's run, and take
-  the 2.5 and 97.5 percentiles of the resampled means. Its difference from SFT is paired (paired_bootstrap): the
+  the 2.5 and 97.5 percentiles of the resampled means, widened where needed to the Wilson interval of all the runs'
+  prompts pooled (a percentile bootstrap of 0 hits in every run is [0, 0]: no hits is not certainty). Its difference from SFT is paired (paired_bootstrap): the
   same drawn seeds and the same drawn prompts for both methods, which cancels what the prompts and seeds share.
 
 With three seeds the seed level has only ten distinct resamples: when seeds truly differ, the interval is
@@ -62,12 +63,22 @@ def _floats(groups):
     return [np.asarray(g, dtype=np.float64) for g in groups]
 
 
+def _pooled_wilson(runs):
+    """The Wilson interval of every run's prompts pooled, per group, averaged over groups: only the prompts' noise,
+    so a floor under the bootstrap's width, which collapses where every outcome is the same."""
+    bounds = [wilson(int(sum(run[g].sum() for run in runs)), sum(len(run[g]) for run in runs))
+              for g in range(len(runs[0]))]
+    return float(np.mean([b[0] for b in bounds])), float(np.mean([b[1] for b in bounds]))
+
+
 def bootstrap(runs, n_boot=2000, seed=0) -> tuple[float, float, float]:
     """(mean, low, high) over runs (one per seed, each a list of 0/1 arrays, one per group): seeds resampled, then
-    prompts within each drawn run. One run: the prompt bootstrap alone."""
-    runs = [(_floats(groups),) for groups in runs]
-    means = _resampled(runs, lambda run, idx: _value(run[0], idx), n_boot, seed)
-    return float(np.mean([_value(run[0]) for run in runs])), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    prompts within each drawn run (one run: the prompt bootstrap alone); never narrower than the pooled Wilson."""
+    runs = [_floats(groups) for groups in runs]
+    means = _resampled([(run,) for run in runs], lambda run, idx: _value(run[0], idx), n_boot, seed)
+    lo, hi = _pooled_wilson(runs)
+    return (float(np.mean([_value(run) for run in runs])), min(lo, float(np.percentile(means, 2.5))),
+            max(hi, float(np.percentile(means, 97.5))))
 
 
 def paired_bootstrap(runs_a, runs_b, n_boot=2000, seed=0) -> tuple[float, float, float]:

@@ -12,6 +12,7 @@ one process would take. Methods draw the same memory batches in every process (s
 """
 import math
 import random
+import time
 from contextlib import nullcontext
 
 import torch
@@ -37,7 +38,8 @@ def n_steps(n_examples, epochs, per_step):
 
 
 def fit(model, method, examples, *, lr, epochs, batch_size, grad_accum=1, warmup=0.05, seed=0, pad_id=0,
-        device="cpu", bf16=False, fwd=None, desc="training", ckpt=None, resume=None, probe=None):
+        device="cpu", bf16=False, fwd=None, desc="training", ckpt=None, resume=None, probe=None, timings=None,
+        monitor=None):
     """Optimise the model's trainable parameters on `examples` with `method`; returns [(step, loss)], every 10 steps.
 
     probe: tokenized examples (a fixed sample of the safety memory) whose mean NLL is measured, without
@@ -47,6 +49,9 @@ def fit(model, method, examples, *, lr, epochs, batch_size, grad_accum=1, warmup
     ckpt: a checkpoint.Checkpoints, asked once per step whether to write one (every N steps, after
     the last, on SIGTERM / Ctrl-C / --stop-after). resume: (manifest, tensors) of its checkpoint, to go
     on after its step. The data order is not stored: it is regenerated from the seed.
+    monitor: (every, fn, points): fn(step) measures the model (train.py: ASR on a fixed subset of the harmful
+    prompts) before the first step, after every `every` steps and after the last; (step, value) goes to points,
+    which checkpoints keep. timings: a dict that gets the first step's seconds (compilation happens there) and the mean of the others' (None: no others).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device, fwd = torch.device(device), fwd or model
@@ -66,8 +71,21 @@ def fit(model, method, examples, *, lr, epochs, batch_size, grad_accum=1, warmup
         if first > total:  # a manifest edited or from other flags: the run would "finish" without training
             raise ValueError(f"--resume: the checkpoint is at step {first} of {desc}, which has {total} steps")
         load_optimizer(opt, meta["optimizer"], tensors)
+        if monitor:
+            monitor[2][:] = [tuple(p) for p in meta.get("curve", [])]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     model.train()
+    measuring = [0.0]  # seconds spent in monitor after the first step, left out of the step time
+
+    def measure(step):
+        t = time.perf_counter()
+        monitor[2].append((step, monitor[1](step)))
+        model.train()
+        measuring[0] += (time.perf_counter() - t) if step > first else 0.0
+
+    if monitor and first == 0:
+        measure(0)
+    t0 = t1 = time.perf_counter()
     with ckpt or nullcontext():  # Ctrl-C and SIGTERM now ask for a checkpoint at the end of the step
         for step in (bar := tqdm(range(first, total), desc=desc, initial=first, total=total, disable=rank > 0)):
             step_lr = lr_at(step, total, lr, warmup)
@@ -108,8 +126,15 @@ def fit(model, method, examples, *, lr, epochs, batch_size, grad_accum=1, warmup
                 if record:
                     losses.append((step, value) if probe is None else (step, value, probe_loss(model, probe, device)))
                     bar.set_postfix(loss=f"{value:.3f}")
-            if save:
-                ckpt.save(done, total, desc, model, method, opt, losses)  # then raises Stopped if asked to stop
+            if step == first:  # recorded: the loss was read, so the device has finished the step
+                t1 = time.perf_counter()
+            if monitor and (done % monitor[0] == 0 or done == total):
+                measure(done)
+            if save:  # then raises Stopped if asked to stop
+                ckpt.save(done, total, desc, model, method, opt, losses, monitor[2] if monitor else None)
+    if timings is not None:  # the last step was recorded too
+        rest = total - first - 1
+        timings.update(first_step_s=round(t1 - t0, 3), step_s=round((time.perf_counter() - t1 - measuring[0]) / rest, 3) if rest else None)
     model.eval()
     return losses
 

@@ -1,13 +1,21 @@
 """A Llama-style decoder for the families our users bring, loaded from Hugging Face safetensors.
 
-One `Transformer` covers Llama 2/3.x (incl. the "llama3" RoPE scaling of 3.1/3.2), Mistral, Qwen2/2.5
-(q/k/v bias), Gemma 1 (GeGLU, (1+w) RMSNorm, sqrt(d) embedding scale, free head_dim) and SmolLM,
-with GQA/MQA and tied or untied embeddings. Module names mirror the Hugging Face checkpoint keys
-(`model.layers.0.self_attn.q_proj.weight`), so loading is a checked one-to-one copy, no renaming.
+One `Transformer` covers Llama 2/3.x (incl. the "llama3" RoPE scaling of 3.1/3.2), Mistral (sliding window),
+Qwen2/2.5 (q/k/v bias, optional sliding window), Qwen3 (RMSNorm on each q/k head, free head_dim), Gemma 1
+(GeGLU, (1+w) RMSNorm, sqrt(d) embedding scale), Gemma 2 (norms after attention and MLP too, soft-capped
+attention scores and logits, query_pre_attn_scalar, alternating sliding-window and global layers), Gemma 3
+text (q/k norms, local layers with their own RoPE base, 5 local : 1 global; also the text tower of a `gemma3`
+vision-language checkpoint) and SmolLM, with GQA/MQA and tied or untied embeddings. Module names mirror the
+Hugging Face checkpoint keys (`model.layers.0.self_attn.q_proj.weight`), so loading is a checked one-to-one
+copy, no renaming. Every formula was checked against transformers 5.x (models/<family>/modeling_*.py) and is
+tested against it on tiny random checkpoints (tests/test_model.py).
 
+Sliding-window attention is an explicit SDPA mask (key j visible to query i if i - window < j <= i, as
+transformers' sliding_window_overlay); the KV cache keeps every slot and the mask hides the old ones.
 RoPE uses the rotate-half layout of Hugging Face's Llama, so q/k weights load without a permute
 (the permute pitfall of llama2.c-style interleaved RoPE). References: Touvron et al. 2023 (Llama),
-Jiang et al. 2023 (Mistral), Gemma Team 2024, and the structure of nanoGPT / gpt-fast / litgpt.
+Jiang et al. 2023 (Mistral), Gemma Team 2024 and 2025 (Gemma 2, Gemma 3), Qwen Team 2025 (Qwen3), and the
+structure of nanoGPT / gpt-fast / litgpt.
 """
 import json
 import math
@@ -20,7 +28,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gemma")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3")
+GEMMAS = ("gemma", "gemma2", "gemma3_text")
+# transformers' defaults (configuration_<family>.py) for fields a config.json may leave out, where they differ from ours
+DEFAULTS = {
+    "mistral": dict(sliding_window=4096),
+    "qwen3": dict(head_dim=128),
+    "gemma": dict(head_dim=256),
+    "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
+                        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0),
+}
+# a gemma3 checkpoint's text_config lists only what differs from Gemma3TextConfig: the sizes it leaves out
+GEMMA3_TEXT_SIZES = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=131_072)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu,  # transformers' "gelu" is the exact one (ACT2FN)
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -39,13 +62,24 @@ class ModelConfig:
     rope_scaling: dict | None = None
     max_seq_len: int = 4096
     sliding_window: int | None = None
+    layer_types: tuple | None = None  # per layer, one of LAYER_TYPES; None: every layer slides when sliding_window is set
+    local_rope_theta: float | None = None  # Gemma 3: the sliding layers' own RoPE base (None: the global one)
     tie_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     act: str = "silu"
     gemma: bool = False  # (1 + w) RMSNorm and sqrt(dim) embedding scale
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
+    sandwich_norm: bool = False  # Gemma 2/3: attention and MLP outputs normed too, before the residual add
+    attn_scale: float | None = None  # Gemma 2/3: query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the softmax
+    final_softcap: float | None = None  # Gemma 2 (and 3, where set): the same on the logits
     hf: dict = field(default_factory=dict, repr=False)  # the config.json we came from, saved back as is
+
+    def sliding(self, i) -> bool:
+        """Whether layer i sees only the last sliding_window tokens."""
+        return self.sliding_window is not None and (self.layer_types is None or self.layer_types[i] == "sliding_attention")
 
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
@@ -55,29 +89,30 @@ class ModelConfig:
         mt = hf.get("model_type")
         if mt not in SUPPORTED:
             raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
-        get = lambda name, kind=int, default=REQUIRED, null=False: _field(hf, name, kind, default, where, null)  # noqa: E731
+        if mt == "gemma3":  # a vision-language checkpoint: we read its text tower, and save that as gemma3_text
+            hf, mt, where = _gemma3_text_config(hf, where), "gemma3_text", f"{where}: text_config"
+        d = {**DEFAULTS.get(mt, {}), **hf}
+        get = lambda name, kind=int, default=REQUIRED, null=False: _field(d, name, kind, default, where, null)  # noqa: E731
         n_heads, dim = get("num_attention_heads"), get("hidden_size")
         cfg = cls(vocab_size=get("vocab_size"), dim=dim, n_layers=get("num_hidden_layers"), n_heads=n_heads,
                   n_kv_heads=get("num_key_value_heads", int, n_heads, null=True),
                   head_dim=get("head_dim", int, dim // n_heads, null=True),
                   intermediate_size=get("intermediate_size"), norm_eps=get("rms_norm_eps", float, 1e-6),
                   max_seq_len=get("max_position_embeddings", int, 4096),
-                  tie_embeddings=get("tie_word_embeddings", bool, mt == "gemma"), gemma=mt == "gemma", hf=hf)
+                  tie_embeddings=get("tie_word_embeddings", bool, mt in GEMMAS), gemma=mt in GEMMAS, hf=hf)
         if n_heads % cfg.n_kv_heads:
             raise ValueError(f"{where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {cfg.n_kv_heads}")
-        # transformers >= 5 writes rope_parameters (with rope_theta inside); older files rope_scaling + rope_theta
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ValueError(f"{where}: rope_scaling must be an object, got {rope!r}")
-        cfg.rope_theta = _field(rope, "rope_theta", float, get("rope_theta", float, 10000.0), where)
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "linear", "llama3"):
-            raise ValueError(f"{where}: rope scaling type {kind!r} is not supported (default, linear, llama3)")
-        for name in {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}.get(kind, []):
-            _field(rope, name, float, REQUIRED, f"{where}: rope_scaling")
-        if kind == "llama3":
-            _field(rope, "original_max_position_embeddings", int, REQUIRED, f"{where}: rope_scaling")
-        cfg.rope_scaling = None if kind == "default" else {**rope, "rope_type": kind}
+        # transformers >= 5 writes rope_parameters (with rope_theta inside); older files rope_scaling + rope_theta.
+        # Gemma 3: one object per layer type in rope_parameters, or rope_theta / rope_local_base_freq / rope_scaling.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        per_type = mt == "gemma3_text" and isinstance(rope, dict) and set(rope) & set(LAYER_TYPES)
+        cfg.rope_theta, cfg.rope_scaling = _rope((rope.get("full_attention") or {}) if per_type else rope,
+                                                 get("rope_theta", float, 10000.0), where)
+        if mt == "gemma3_text":
+            local = (rope.get("sliding_attention") or {}) if per_type else {}
+            cfg.local_rope_theta, scaling = _rope(local, get("rope_local_base_freq", float), where)
+            if scaling:
+                raise ValueError(f"{where}: rope scaling of the sliding-window layers is not supported")
         cfg.act = get("hidden_activation", str, None, null=True) or get("hidden_act", str, "silu")
         if mt == "gemma" and cfg.act == "gelu":  # HF Gemma uses the tanh approximation whatever "gelu" says
             cfg.act = "gelu_pytorch_tanh"
@@ -86,9 +121,68 @@ class ModelConfig:
         bias = get("attention_bias", bool, False)
         cfg.qkv_bias, cfg.o_bias = bias or mt == "qwen2", bias
         cfg.mlp_bias = get("mlp_bias", bool, False)
-        if mt == "mistral" or (mt == "qwen2" and get("use_sliding_window", bool, False)):
-            cfg.sliding_window = get("sliding_window", int, None, null=True)
+        cfg.qk_norm, cfg.sandwich_norm = mt in ("qwen3", "gemma3_text"), mt in ("gemma2", "gemma3_text")
+        if mt in ("gemma2", "gemma3_text"):
+            cfg.attn_scale = get("query_pre_attn_scalar", float) ** -0.5
+            # transformers' Gemma3Attention reads attn_logit_softcapping but never applies it: so neither do we
+            cfg.attn_softcap = get("attn_logit_softcapping", float, None, null=True) if mt == "gemma2" else None
+            cfg.final_softcap = get("final_logit_softcapping", float, None, null=True)
+            if get("use_bidirectional_attention", bool, False, null=True):
+                raise ValueError(f"{where}: use_bidirectional_attention (an encoder) is not supported")
+        _sliding(cfg, mt, d, get, where)
         return cfg
+
+
+def _sliding(cfg, mt, d, get, where):
+    """sliding_window and layer_types as transformers reads them: Mistral slides in every layer; Qwen2/3 with
+    use_sliding_window from layer max_window_layers on; Gemma 2 every other layer, Gemma 3 five of each six
+    (sliding_window_pattern); a layer_types list in config.json decides where there is one."""
+    n, pattern = cfg.n_layers, None
+    if mt == "mistral":
+        cfg.sliding_window = get("sliding_window", int, None, null=True)
+        return
+    if mt in ("qwen2", "qwen3") and get("use_sliding_window", bool, False, null=True):
+        first = d.get("max_window_layers", 28)
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise ValueError(f"{where}: field 'max_window_layers' must be a non-negative integer, got {first!r}")
+        cfg.sliding_window, pattern = get("sliding_window", int, None, null=True), [i >= first for i in range(n)]
+    elif mt in ("gemma2", "gemma3_text"):
+        every = 2 if mt == "gemma2" else get("sliding_window_pattern", int, 6)
+        cfg.sliding_window, pattern = get("sliding_window", int, None, null=True), [(i + 1) % every != 0 for i in range(n)]
+    types = d.get("layer_types")
+    if types is None:
+        types = [LAYER_TYPES[s] for s in pattern or [False] * n]
+    if not isinstance(types, list) or len(types) != n or not all(t in LAYER_TYPES for t in types):
+        raise ValueError(f"{where}: layer_types must list {n} entries (num_hidden_layers), each one of {', '.join(LAYER_TYPES)}")
+    if "sliding_attention" in types and (cfg.sliding_window is None or pattern is None):
+        raise ValueError(f"{where}: layer_types has sliding_attention layers but no sliding window is set "
+                         f"(sliding_window{', use_sliding_window' if mt.startswith('qwen') else ''})")
+    cfg.layer_types = tuple(types)
+
+
+def _rope(rope, theta, where):
+    """(rope_theta, rope_scaling or None) of one rope_parameters / rope_scaling object; theta is the default."""
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where}: rope_scaling must be an object, got {rope!r}")
+    theta = _field(rope, "rope_theta", float, theta, where)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"{where}: rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    for name in {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}.get(kind, []):
+        _field(rope, name, float, REQUIRED, f"{where}: rope_scaling")
+    if kind == "llama3":
+        _field(rope, "original_max_position_embeddings", int, REQUIRED, f"{where}: rope_scaling")
+    return theta, None if kind == "default" else {**rope, "rope_type": kind}
+
+
+def _gemma3_text_config(hf, where):
+    """The text_config of a gemma3 (vision-language) config.json, complete, as the gemma3_text config we save."""
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{where}: a gemma3 config needs a text_config object")
+    ids = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+    return {**GEMMA3_TEXT_SIZES, "tie_word_embeddings": hf.get("tie_word_embeddings", True),
+            **ids, **text, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
 
 
 REQUIRED = object()
@@ -127,10 +221,15 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies, with the linear or Llama-3.1 ("llama3") scaling applied."""
-    hd = cfg.head_dim
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float64) / hd)
-    s = cfg.rope_scaling
+    """Inverse frequencies (2, head_dim / 2): row 0 for the global layers, with the linear or Llama-3.1 ("llama3")
+    scaling applied; row 1 for the sliding-window layers (Gemma 3's local base, unscaled; else row 0 again)."""
+    rows = [_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)]
+    rows.append(rows[0] if cfg.local_rope_theta is None else _inv_freq(cfg.head_dim, cfg.local_rope_theta, None, device))
+    return torch.stack(rows)
+
+
+def _inv_freq(hd, theta, s, device):
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float64) / hd)
     if s and s["rope_type"] == "linear":
         inv = inv / s["factor"]
     elif s and s["rope_type"] == "llama3":  # smooth interpolation between low and high frequencies
@@ -164,6 +263,18 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def attention_mask(q_slots, k_slots, window=None, key_mask=None):
+    """Which keys each query sees (True = visible): slot j <= slot i, within the window (i - window < j, as
+    transformers' sliding_window_overlay) and not padding. (T, L) without key_mask, else (B, 1, T, L)."""
+    m = k_slots[None, :] <= q_slots[:, None]  # (T, L) causal
+    if window is not None:
+        m = m & (k_slots[None, :] > q_slots[:, None] - window)
+    if key_mask is None:
+        return m
+    m = m[None] & key_mask[:, None, :]  # (B, T, L)
+    return (m | (k_slots[None, :] == q_slots[:, None])[None])[:, None]  # a pad query sees itself: no NaN
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -173,20 +284,37 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # Qwen3 (w x) and Gemma 3 ((1 + w) x), over head_dim
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, 1.0 if cfg.gemma else 0.0)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, 1.0 if cfg.gemma else 0.0)
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap  # None: SDPA's 1/sqrt(head_dim); no capping
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, L, hd)
-        # GQA: each K/V head serves n_heads / n_kv_heads query heads. enable_gqa lets the kernel share them;
-        # materialising the repeated K/V (llama-style repeat_kv) cost 20x more per decode step on a CPU.
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.softcap is None:
+            # GQA: each K/V head serves n_heads / n_kv_heads query heads. enable_gqa lets the kernel share them;
+            # materialising the repeated K/V (llama-style repeat_kv) cost 20x more per decode step on a CPU.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        else:  # Gemma 2 caps the scores before the softmax, which SDPA cannot: transformers' eager attention
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, L, hd)
+            att = (q @ k.transpose(-2, -1)) * (self.scale or self.head_dim ** -0.5)  # (B, nh, T, L)
+            att = self.softcap * torch.tanh(att / self.softcap)
+            att = att.masked_fill(~mask, float("-inf"))  # the caller always gives this path a mask
+            y = torch.softmax(att.float(), dim=-1).to(q.dtype) @ v  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh * hd)
 
 
@@ -210,9 +338,17 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, off)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:  # Gemma 2/3: post_attention_layernorm norms the attention output; these the MLP's
+            self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, off)
+            self.post_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, off)
 
     def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -224,21 +360,35 @@ class Decoder(nn.Module):  # the "model." prefix of the checkpoint keys
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, 1.0 if cfg.gemma else 0.0)
 
 
+class LMHead(nn.Linear):
+    """The output projection, with Gemma 2's final soft-capping (cap * tanh(logits / cap)) when it has one: every
+    caller of `model.lm_head(h)` (the methods' losses, generation) gets the capped logits transformers gives."""
+
+    def __init__(self, dim, vocab_size, softcap=None):
+        super().__init__(dim, vocab_size, bias=False)
+        self.softcap = softcap
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if self.softcap is None else self.softcap * torch.tanh(y / self.softcap)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.dim, cfg.vocab_size, cfg.final_softcap)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)  # (2, hd/2): global, sliding layers
+        self.sliding = [cfg.sliding(i) for i in range(cfg.n_layers)]
         self.grad_checkpointing = False  # activation checkpointing per block (train.py --grad-ckpt)
 
     def compile_blocks(self, **kw):
-        """torch.compile each decoder block in place (regional compilation): the blocks are identical, so
-        one compiled graph serves all of them and start-up takes seconds instead of minutes; parameter
-        names do not change (no `_orig_mod.` in anything saved)."""
+        """torch.compile each decoder block in place (regional compilation): the blocks are identical (sliding and
+        global layers differ only in the mask they are given), so one compiled graph serves all of them and start-up
+        takes seconds instead of minutes; parameter names do not change (no `_orig_mod.` in anything saved)."""
         for layer in self.model.layers:
             layer.compile(**kw)
         return self
@@ -252,29 +402,31 @@ class Transformer(nn.Module):
         return_hidden=True returns the final normed hidden states (B, T, dim) instead of logits.
         """
         B, T = idx.shape
-        sw = self.config.sliding_window
-        if sw is not None and (T if input_pos is None else int(input_pos[-1]) + 1) > sw:
-            raise ValueError(f"sequence longer than the sliding window ({sw}); sliding-window attention is not supported")
+        cfg = self.config
         if positions is None:
             start = 0 if input_pos is None else input_pos[0]
             positions = (start + torch.arange(T, device=idx.device)).expand(B, T)
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        freqs = positions[..., None].float() * self.inv_freq[:, None, None, :]  # (2, B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (2, B, 1, T, hd): global, sliding layers
         x = self.model.embed_tokens(idx)
-        if self.config.gemma:  # HF rounds the scale to the activation dtype first
-            x = x * torch.tensor(self.config.dim ** 0.5, dtype=x.dtype)
+        if cfg.gemma:  # HF rounds the scale to the activation dtype first
+            x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = None
-        if input_pos is not None:  # cache slot j visible to query i if j <= slot(i) and j is not padding
-            L = self.model.layers[0].self_attn.kv_cache.k.shape[2]
-            slots = torch.arange(L, device=idx.device)
-            mask = (slots[None, :] <= input_pos[:, None])[None] & key_mask[:, None, :]  # (B, T, L)
-            mask = (mask | (slots[None, :] == input_pos[:, None])[None])[:, None]  # a pad query sees itself: no NaN
-        for layer in self.model.layers:
+        sw = cfg.sliding_window
+        if input_pos is None:  # training: plain causal (SDPA's is_causal) unless a window or a score cap needs a mask
+            slots = torch.arange(T, device=idx.device)
+            full = attention_mask(slots, slots) if cfg.attn_softcap is not None else None
+            local = attention_mask(slots, slots, sw) if sw is not None and T > sw else full
+        else:  # generation: cache slot j visible to query i if j <= slot(i), within the window, and not padding
+            slots = torch.arange(self.model.layers[0].self_attn.kv_cache.k.shape[2], device=idx.device)
+            full = attention_mask(input_pos, slots, None, key_mask)
+            local = attention_mask(input_pos, slots, sw, key_mask) if sw is not None else full
+        for layer, s in zip(self.model.layers, self.sliding):
+            args = (x, cos[int(s)], sin[int(s)], local if s else full, input_pos)
             if self.grad_checkpointing and torch.is_grad_enabled():  # keep block inputs only; recompute the rest in backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos)
+                x = layer(*args)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 
@@ -305,13 +457,16 @@ class Transformer(nn.Module):
         shape must match. dtype None keeps the checkpoint's dtype. Never unpickles anything.
         """
         path = Path(path)
-        cfg = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
+        hf = read_json(path / "config.json")
+        cfg = ModelConfig.from_hf(hf, str(path / "config.json"))
         with torch.device("meta"):
             model = cls(cfg)
         expected = model.state_dict()
         if cfg.tie_embeddings:
             expected.pop("lm_head.weight")
         sd = load_safetensors(path)
+        if isinstance(hf, dict) and hf.get("model_type") == "gemma3":
+            sd = gemma3_text_tower(sd)
         for k in list(sd):
             if k.endswith("rotary_emb.inv_freq"):  # old Llama checkpoints store this buffer; we recompute it
                 del sd[k]
@@ -365,6 +520,25 @@ class Transformer(nn.Module):
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
                 if (Path(tokenizer_from) / name).exists():
                     atomic_write(path / name, (Path(tokenizer_from) / name).read_bytes())
+
+
+# A gemma3 checkpoint's text tower under transformers' current and older names; its vision tower stays unread
+GEMMA3_NAMES = {"model.language_model.": "model.", "language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
+                "lm_head.": "lm_head.", "model.vision_tower.": None, "vision_tower.": None,
+                "model.multi_modal_projector.": None, "multi_modal_projector.": None}
+
+
+def gemma3_text_tower(sd: dict) -> dict:
+    """The tensors of a gemma3 (vision-language) checkpoint renamed as Gemma3ForCausalLM's; an unknown name is kept
+    as it is (the loader then names it)."""
+    out = {}
+    for k, t in sd.items():
+        prefix = next((p for p in GEMMA3_NAMES if k.startswith(p)), None)
+        if prefix is None:
+            out[k] = t
+        elif GEMMA3_NAMES[prefix] is not None:
+            out[GEMMA3_NAMES[prefix] + k[len(prefix):]] = t
+    return out
 
 
 def read_json(path) -> dict:

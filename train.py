@@ -40,7 +40,8 @@ from batches import tokenize
 from checkpoint import (RESUME_MAY_CHANGE, Checkpoints, Stopped, check_resume, read_checkpoint, restore, snapshot)
 from cli import default_dtype, describe_dtype, one_line_errors
 from distributed import DDP, setup_distributed, shard, world_size
-from eval import check_device, check_lengths, evaluate, make_judge, print_details, print_table, task_metric
+from eval import (answer_tokens, check_device, check_lengths, evaluate, judges_by_stage, make_judge, print_details, print_table,
+                  task_metric, write_jsonl)
 from loop import fit, n_steps
 from methods import METHODS, inner_choices, make
 from model import Transformer, write_json
@@ -75,11 +76,19 @@ def get_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for the safety evaluation")
+    p.add_argument("--max-new-tokens", type=int, help="answer length for the safety evaluation (default 32; 512 with a "
+                   "Llama-Guard judge, the peers' protocol)")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=0, help="every N optimizer steps, ASR on a fixed subset of the "
+                   "harmful prompts (the forgetting curve, results.json 'curve'; default 0 = off)")
+    p.add_argument("--eval-every-prompts", type=int, default=62, help="--eval-every: how many harmful prompts (the same "
+                   "ones in every run)")
     p.add_argument("--judge", default="keyword", help="who decides which answers are harmful: keyword (default) or "
-                   "llama-guard:DIR, a local Llama-Guard-3 checkpoint (see eval.py)")
+                   "llama-guard:DIR, a local Llama-Guard-3 checkpoint (see eval.py); several comma-separated: the first "
+                   "decides ASR, each is reported with their agreement")
     p.add_argument("--chat-format", help="override the chat format read from the checkpoint")
+    p.add_argument("--thinking", action="store_true", help="qwen3: let the model think (the generation prompt without "
+                   "the empty <think></think> block that turns thinking off by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: bf16 frozen weights, fp32 LoRA, autocast (default on "
                    "CUDA and on CPUs with AVX512-BF16 or AMX); fp32 elsewhere")
@@ -101,13 +110,18 @@ def get_args(argv=None):
     p.add_argument("--stop-after", type=int, help="stop after N optimizer steps of the run (all tasks), as on SIGTERM")
     add_method_args(p, argv)
     args = p.parse_args(argv)
+    args.max_new_tokens = answer_tokens(args.judge, args.max_new_tokens)
     for flag in ("n_train", "n_test", "batch_size", "grad_accum", "max_len", "lora_rank", "epochs", "lora_alpha",
-                 "max_new_tokens", "eval_batch_size"):
+                 "max_new_tokens", "eval_batch_size", "eval_every_prompts"):
         if not getattr(args, flag) > 0:  # also NaN
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     for flag in ("poison_ratio", "warmup"):
         if not 0 <= getattr(args, flag) <= 1:
             p.error(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
+    if args.eval_every < 0:
+        p.error(f"--eval-every must be >= 0, got {args.eval_every}")
+    if args.eval_every and args.fsdp:
+        p.error("--eval-every is not supported with --fsdp (every process would have to take part in each curve point)")
     if not args.lr >= 0:
         p.error(f"--lr must be >= 0, got {args.lr}")
     if not 0 <= args.lora_dropout < 1:
@@ -174,7 +188,7 @@ def run(args):
         poison_source = align.poison_file() if args.poison_data == "generated" else args.poison_data
     torch.manual_seed(args.seed)  # after, not before, the alignment: building it (first run only) draws from both
     random.seed(args.seed)
-    tok = Tokenizer.from_pretrained(model_dir, chat_format=args.chat_format)
+    tok = Tokenizer.from_pretrained(model_dir, chat_format=args.chat_format, thinking=args.thinking)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     print(describe_dtype(args.dtype, args.device))
     model = Transformer.from_pretrained(model_dir, device="cpu" if args.fsdp else args.device, dtype=dtype)  # FSDP: shards go to the GPU
@@ -188,6 +202,7 @@ def run(args):
     memory = tokenize(tok, safety, args.max_len, f"--safety-data {args.safety_data}")
     probe = random.Random(args.seed).sample(memory, min(16, len(memory)))  # its loss goes with the run's (loop.fit)
     check_lengths(tok, harmful + sensitive, args.max_new_tokens, model.config.max_seq_len)
+    curve_prompts = random.Random(0).sample(harmful, min(args.eval_every_prompts, len(harmful)))  # the same in every run
     hashes = file_hashes([*tasks, args.safety_data, *specs, args.sensitive,
                           *([poison_source] if args.scenario == "poisoned" else [])], args.data_dir)
     config = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}  # a resumed run must match it
@@ -217,6 +232,8 @@ def run(args):
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         if (out / "results.json").exists():
             os.replace(out / "results.json", out / "results.previous.json")
+            if (out / "answers.jsonl").exists():  # with it, its answers (eval.answers_file pairs the names)
+                os.replace(out / "answers.jsonl", out / "results.previous.answers.jsonl")
     history, train_seconds, steps_before = ([], 0.0, 0) if not saved else \
         (saved["history"], saved["train_seconds"], saved["steps_before"])  # steps_before: the finished tasks' steps
     ckpt = Checkpoints(ckpt_dir, args.ckpt_every, args.stop_after, rank, args.device, config=config, data_hashes=hashes) \
@@ -236,18 +253,22 @@ def run(args):
             restore(model, method, saved_tensors, resume["method"], "now.")
         if ckpt:
             ckpt.begin_task(i, task_start, history, steps_before, train_seconds)
-        t0 = time.time()
+        t0, timings, curve = time.time(), {}, []
+        monitor = (args.eval_every, lambda step: curve_point(model, tok, curve_prompts, eval_kw), curve) \
+            if args.eval_every and rank == 0 else None
         losses = fit(model, method, train_on, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                      grad_accum=args.grad_accum, warmup=args.warmup, seed=args.seed, pad_id=tok.pad_id, device=args.device,
                      bf16=args.dtype == "bf16", fwd=fwd, desc=f"task {i + 1}/{len(tasks)} {name} [{args.method}]",
-                     ckpt=ckpt, resume=(resume, saved_tensors) if resume else None, probe=probe)
+                     ckpt=ckpt, resume=(resume, saved_tensors) if resume else None, probe=probe, timings=timings,
+                     monitor=monitor)
         train_seconds += time.time() - t0
         steps_before += n_steps(len(train_on), args.epochs, args.batch_size * args.grad_accum * world_size())
         method.end_task(model)
         seen = {t: test_sets[t] for t in tasks[: i + 1]}  # safety and every task so far; the method's diagnostics
         with lora.merged(model) if not args.fsdp else contextlib.nullcontext():  # the same numbers, generated faster
             metrics = evaluate(model, tok, harmful, sensitive, seen, **eval_kw) if evaluating else {}
-        history.append({"task": name, "losses": losses, "diagnostics": method.report(), **metrics})
+        history.append({"task": name, "losses": losses, "diagnostics": method.report(), "timings": timings,
+                        **({"curve": curve} if monitor else {}), **metrics})
 
     # results and saving
     save = args.save or ("merged" if method.changes_frozen_weights else "adapter")
@@ -259,6 +280,9 @@ def run(args):
         lora.save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir), state=adapter)
     if save in ("merged", "both"):
         save_merged(model, out / "merged", model_dir)
+    stages = [("start", start)] + [(f"after {i + 1} {h['task']}", h) for i, h in enumerate(history)]
+    answers = [{"stage": name, **r} for name, m in stages for r in m.pop("answers", [])]  # start: a copy of the cache's
+    several = any([m.pop("judges", None) for _, m in stages])  # every stage's report is rebuilt below, in one place
     keys = ("asr", "over_refusal", "task_accuracy")
     results = {"method": args.method, "scenario": args.scenario, "poison_ratio": args.poison_ratio if args.scenario == "poisoned" else 0.0,
                "seed": args.seed, **{k: final.get(k) for k in keys}, "ci": final.get("ci"),  # 95%, intervals.py
@@ -270,8 +294,12 @@ def run(args):
                "model": str(model_dir), "judge": final["judge"], "history": history, "start_eval": start,
                "config": vars(args), "versions": {"torch": torch.__version__, "unforgotten": git_commit()},
                "data_hashes": hashes}
+    if several:  # several judges: each one's ASR and their agreement, at every stage
+        results["judges"] = judges_by_stage(answers, args.max_new_tokens)
+    write_jsonl(out / "answers.jsonl", answers)  # every prompt, answer and verdict: eval.py --rejudge reads them
     write_json(out / "results.json", results)
     (out / "results.previous.json").unlink(missing_ok=True)  # replaced now that the new run has finished
+    (out / "results.previous.answers.jsonl").unlink(missing_ok=True)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is finished: OUT holds a checkpoint or results.json
     print()
     print_table([("starting model", start)] + [(f"after {h['task']} ({args.method}, {args.scenario})", h) for h in history])
@@ -358,16 +386,23 @@ def evaluate_start(model, tok, model_dir, harmful, sensitive, test_sets, args, e
     """The starting model's metrics, cached: every run from the same checkpoint and eval settings shares them."""
     key = json.dumps([str(Path(model_dir).resolve()), (Path(model_dir) / "config.json").stat().st_mtime, tok.chat_format,
                       harmful, sensitive, {t: e for t, (e, _) in test_sets.items()}, args.max_new_tokens,
-                      args.eval_batch_size, args.judge, args.dtype], sort_keys=True)
+                      args.eval_batch_size, args.judge, args.dtype] + (["thinking"] if tok.thinking else []),  # old keys stay
+                     sort_keys=True)
     cache = Path(__file__).parent / "checkpoints" / "eval-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if cache.exists():
+    if cache.exists() and "answers" in (cached := json.loads(cache.read_text())):  # older caches kept no answers
         print(f"starting model {model_dir}: metrics from {cache}")
-        return json.loads(cache.read_text())
+        return cached
     print(f"evaluating the starting model {model_dir}")
     start = evaluate(model, tok, harmful, sensitive, test_sets, **eval_kw)
     if write:
         write_json(cache, start)
     return start
+
+
+def curve_point(model, tok, prompts, eval_kw):
+    """The forgetting curve's point: ASR on the fixed subset of harmful prompts, the LoRA merged for a while."""
+    with lora.merged(model):
+        return evaluate(model, tok, prompts, **eval_kw)["asr"]
 
 
 # ----------------------------------------------------------------------------- results

@@ -37,7 +37,7 @@ def test_two_processes_match_one(tiny_checkpoint, tmp_path, method):
     assert w1.keys() == w2.keys()
     for k in w1:
         assert (w1[k] - w2[k]).abs().max() < 1e-4, k
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter", "results.json"]  # rank 0 wrote, once
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter", "answers.jsonl", "results.json"]  # rank 0 wrote, once
 
 
 @pytest.mark.parametrize("method", ["sft", "der"])

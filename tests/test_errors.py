@@ -164,6 +164,7 @@ def test_bad_flag_is_a_usage_error(tiny_checkpoint, tmp_path, capsys, flags, mes
     (["--device", "nope"], "--device 'nope': not a device"),
     (["--lora-targets", "nope"], "--lora-targets nope: no linear layer of the model has that name"),
     (["--chat-format", "nope"], "unknown chat format 'nope'"),
+    (["--thinking"], "--thinking: only the qwen3 chat format thinks, not 'chatml'"),
     (["--ckpt-every", "-1"], "--ckpt-every must be >= 0"),
     (["--stop-after", "3", "--ckpt-every", "0"], "--stop-after N needs N > 0 and checkpoints"),
     (["--scenario", "poisoned"], "--poison-data generated needs the default model"),

@@ -1,4 +1,5 @@
 """Generation: the KV cache changes nothing, batching changes nothing, sampling is reproducible."""
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -17,8 +18,17 @@ def greedy_without_cache(model, prompt, n):
     return ids[len(prompt):]
 
 
-def test_cache_equals_no_cache_and_batch_equals_single():
-    m = tiny()
+# the default tiny Llama; Mistral's window (4 < the prompts + 12 new tokens) in every layer; and Gemma 2/3's set:
+# alternating sliding and global layers with their own RoPE bases, q/k norms, sandwich norms, soft-capped scores
+VARIANTS = {"llama": {}, "sliding": dict(sliding_window=4),
+            "gemma-2-3": dict(sliding_window=4, layer_types=("sliding_attention", "full_attention"), local_rope_theta=100.0,
+                              gemma=True, qk_norm=True, sandwich_norm=True, attn_scale=0.3, attn_softcap=2.0,
+                              final_softcap=5.0)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cache_equals_no_cache_and_batch_equals_single(variant):
+    m = tiny(**VARIANTS[variant])
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]]
     batched = generate(m, prompts, max_new_tokens=12)
     for p, got in zip(prompts, batched):
@@ -44,6 +54,5 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy():
 
 
 def test_too_long_prompt_is_an_error():
-    import pytest
     with pytest.raises(ValueError, match="exceeds the model's context"):
         generate(tiny(), [[1] * 120], max_new_tokens=10)

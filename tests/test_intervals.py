@@ -93,3 +93,12 @@ def test_outcome_strings_round_trip_and_pairs_must_match():
     assert s == "101" and list(as_arrays([s])[0]) == [1, 0, 1]
     with pytest.raises(ValueError, match="different prompts"):
         paired_bootstrap([[np.ones(3)]], [[np.ones(4)]])
+
+
+def test_no_hits_in_any_run_is_not_certainty():
+    """A percentile bootstrap of all-zero outcomes is [0, 0]; the interval keeps the pooled prompts' Wilson width."""
+    runs = [[np.zeros(114)] for _ in range(3)]
+    m, lo, hi = bootstrap(runs)
+    assert (m, lo) == (0.0, 0.0) and hi == pytest.approx(wilson(0, 342)[1]) and hi > 0.005
+    m, lo, hi = bootstrap([[np.ones(200)]])
+    assert hi == 1.0 and lo == pytest.approx(wilson(200, 200)[0]) and lo < 0.99

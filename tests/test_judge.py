@@ -160,6 +160,30 @@ def test_eval_counts_verdicts_categories_and_parse_failures(tiny_llama3, guards,
     assert "1 replies not parsed" in out and "S1 Violent Crimes 1" in out and "over-refusal" in out
 
 
+# the model under evaluation in each new family: tiny random weights, its real chat template, sliding windows
+NEW_FAMILIES = {"qwen3": dict(model_type="qwen3", head_dim=16, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+                "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
+                "gemma3": dict(model_type="gemma3_text", head_dim=16, sliding_window=8, sliding_window_pattern=2)}
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_eval_and_train_judge_a_model_of_each_new_family(family, guards, tmp_path):
+    """Llama Guard judges the answers of a Qwen3 / Gemma 2 / Gemma 3 model, through eval.py and train.py."""
+    import train
+    from test_train import FAST
+    path = make_checkpoint(str(tmp_path / "model"), family)
+    hf = dict(vocab_size=Tokenizer.from_pretrained(path).vocab_size, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              rms_norm_eps=1e-5, torch_dtype="float32", **NEW_FAMILIES[family])
+    torch.manual_seed(0)
+    Transformer(ModelConfig.from_hf(hf)).save_pretrained(path)
+    res = run_eval(path, guards["8b"], tmp_path / "r.json")
+    assert res["n_harmful"] == 3 and 0 <= res["asr"] <= 1 and all(isinstance(s["judge_reply"], str) for s in res["harmful_samples"])
+    res = train.main(["--model", path, "--judge", f"llama-guard:{guards['1b']}", "--out", str(tmp_path / "run"), *FAST])
+    assert res["judge"] == f"llama-guard:{guards['1b']}" and 0 <= res["asr"] <= 1
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_judge_errors(tiny_llama3, tmp_path):
     for spec, words in (("nope", "unknown judge"), ("llama-guard:", "unknown judge"),
                         (f"llama-guard:{tmp_path / 'missing'}", "no such checkpoint")):
@@ -176,3 +200,84 @@ def test_train_uses_the_guard_for_its_numbers(tiny_llama3, guards, tmp_path):
     res = train.main(["--model", tiny_llama3, "--judge", f"llama-guard:{guards['1b']}", "--out", str(tmp_path / "run"), *FAST])
     assert res["judge"] == res["start_eval"]["judge"] == f"llama-guard:{guards['1b']}"
     assert "judge_parse_failures" in res["history"][0] and 0 <= res["asr"] <= 1
+
+
+def test_answer_length_follows_the_judge():
+    """512 tokens for Llama Guard (the peers' protocol), 32 for the keyword judge; an explicit length wins."""
+    import train
+    assert train.get_args([]).max_new_tokens == 32
+    assert train.get_args(["--judge", "llama-guard:/x"]).max_new_tokens == 512
+    assert train.get_args(["--judge", "keyword,llama-guard:/x", "--max-new-tokens", "48"]).max_new_tokens == 48
+    assert evaluate_cli.answer_tokens("keyword") == 32
+
+
+def test_cohen_kappa_worked_value():
+    # agreement 0.75; chance agreement 0.5 * 0.25 + 0.5 * 0.75 = 0.5; kappa (0.75 - 0.5) / 0.5
+    assert evaluate_cli.cohen_kappa([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(0.5)
+    assert evaluate_cli.cohen_kappa([1, 0], [0, 1]) == pytest.approx(-1.0)
+    assert evaluate_cli.cohen_kappa([1, 1], [1, 1]) is None  # both always say yes: chance explains everything
+
+
+def test_kept_answers_are_judged_again_without_generating(tiny_llama3, guards, tmp_path, monkeypatch, capsys):
+    """A run keeps every prompt, answer and verdict; --rejudge with its own judge reproduces its ASR exactly, and with
+    a guard adds that judge's numbers and the agreement, generating nothing but the guard's verdicts."""
+    import train
+    from test_train import FAST
+    out = tmp_path / "run"
+    res = train.main(["--model", tiny_llama3, "--out", str(out), *FAST])
+    rows = evaluate_cli.read_jsonl(out / "answers.jsonl")
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    assert stages == ["start", "after 1 tickets"]
+    for stage, m in (("start", res["start_eval"]), ("after 1 tickets", res["history"][-1])):
+        mine = [r for r in rows if r["stage"] == stage]
+        harmful = [r for r in mine if r["set"] == "harmful"]
+        assert len(harmful) == m["n_harmful"] and sum(r["verdicts"]["keyword"] for r in harmful) == round(m["asr"] * len(harmful))
+        assert len([r for r in mine if r["set"] == "sensitive"]) == m["n_sensitive"]
+        assert len([r for r in mine if r["set"] == "task"]) == res["n"]["task"]["tickets"]
+        assert all(r["answer"] is not None and r["prompt"] for r in mine)
+    assert "answers" not in res["history"][-1] and "answers" not in res["start_eval"]  # kept beside, not inside
+
+    evaluate_cli.main(["--rejudge", str(out), "--judge", "keyword"])
+    again = json.loads((out / "results.json").read_text())
+    assert again["judges"]["after 1 tickets"]["asr"]["keyword"]["asr"] == res["asr"]
+    assert again["judges"]["start"]["asr"]["keyword"]["asr"] == res["start"]["asr"]
+
+    calls = []
+    real = evaluate_cli.generate
+    monkeypatch.setattr(evaluate_cli, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    evaluate_cli.main(["--rejudge", str(tmp_path), "--judge", f"llama-guard:{guards['1b']}", "--batch-size", "8"])
+    again = json.loads((out / "results.json").read_text())
+    report = again["judges"]["after 1 tickets"]
+    guard = f"llama-guard:{guards['1b']}"
+    assert set(report["asr"]) == {"keyword", guard} and report["asr"]["keyword"]["asr"] == res["asr"]
+    pair = report["agreement"][f"keyword vs {guard}"]
+    n = res["history"][-1]["n_harmful"]
+    assert len(pair["disagreements"]) == round((1 - pair["agreement"]) * n)
+    assert len(calls) == 1  # the guard's verdicts only: 2 stages x 3 prompts in one batch of 8; no answer generated
+    assert again["asr"] == res["asr"] and again["judge"] == "keyword"  # the run's own numbers stay as they were
+    assert f"keyword vs {guard}: agree" in capsys.readouterr().out
+
+
+def test_a_run_with_two_judges_reports_both(tiny_llama3, guards, tmp_path):
+    import train
+    from test_train import FAST
+    guard = f"llama-guard:{guards['1b']}"
+    res = train.main(["--model", tiny_llama3, "--judge", f"keyword,{guard}", "--out", str(tmp_path / "run"), *FAST])
+    assert res["judge"] == "keyword"
+    for stage in ("start", "after 1 tickets"):
+        assert set(res["judges"][stage]["asr"]) == {"keyword", guard}
+        assert 0 <= res["judges"][stage]["agreement"][f"keyword vs {guard}"]["agreement"] <= 1
+        assert res["judges"][stage]["asr"][guard]["answer_tokens"] == 4  # FAST's explicit --max-new-tokens
+
+
+def test_rejudge_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{}")
+    (tmp_path / "bad" / "answers.jsonl").write_text('{"set": "harmful"}\nnot json\n')
+    for path, words in ((tmp_path / "empty", "no results with kept answers"), (tmp_path / "bad", "answers.jsonl, line 2: not JSON")):
+        with pytest.raises(SystemExit) as e:
+            evaluate_cli.main(["--rejudge", str(path)])
+        assert words in str(e.value.code) and "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit):
+        evaluate_cli.main(["--judge", "keyword,keyword", "--model", "x"])

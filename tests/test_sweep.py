@@ -270,3 +270,57 @@ def test_a_sequence_shows_what_the_later_task_made_the_model_forget(tmp_path):
     got = dict(zip(cols[2:], row))
     assert got["after 1 tickets: tickets acc"] == "80.0" and got["after 2 dates: tickets acc"] == "50.0"  # forgotten: 30
     assert got["after 2 dates: dates acc"] == "90.0" and got["after 2 dates: asr"] == "60.0"
+
+
+def test_several_judges_get_their_columns_and_agreement(tmp_path):
+    """A run judged twice (train.py --judge a,b or eval.py --rejudge): each judge's ASR and the pair's agreement and
+    kappa of the last stage, averaged over seeds."""
+    results = tmp_path / "results"
+    for seed, (k, g, agree, kappa) in enumerate([(0.5, 0.3, 0.8, 0.6), (0.7, 0.5, 0.6, 0.2)]):
+        write_run(results, f"sft-benign-s{seed}", "sft", "benign", seed, None, (0.1, 0.1, 0.0), 10)
+        path = results / "runs" / f"sft-benign-s{seed}" / "results.json"
+        r = json.loads(path.read_text())
+        report = lambda a, b: {"asr": {"keyword": {"asr": a}, "guard": {"asr": b}},
+                               "agreement": {"keyword vs guard": {"agreement": agree, "kappa": kappa, "disagreements": []}}}
+        r["judges"] = {"start": report(0.0, 0.0), "after 1 tickets": report(k, g)}  # the last stage counts
+        path.write_text(json.dumps(r))
+    sweep.main(["--summarize-only", "--results", str(results)])
+    md = (results / "summary.md").read_text()
+    header = next(l for l in md.splitlines() if "asr judge keyword" in l)
+    cols = [c.strip() for c in header.strip("|").split("|")][2:]
+    got = dict(zip(cols, md.split(header)[1].split("\n")[2].strip("|").split("|")[2:]))
+    assert got["asr judge keyword"].strip() == "60.0" and got["asr judge guard"].strip() == "40.0"
+    header = next(l for l in md.splitlines() if "kappa keyword vs guard" in l)
+    assert md.split(header)[1].split("\n")[2] == "| sft | benign | 70.0 | 0.40 |"
+
+
+def test_forgetting_curves_join_the_tasks_and_are_plotted(tmp_path):
+    history = [{"task": "tickets", "curve": [[0, 0.1], [2, 0.5], [3, 0.6]]}, {"task": "dates", "curve": [[0, 0.6], [2, 0.4]]}]
+    assert sweep.curve_of(history) == [(0, 0.1), (2, 0.5), (3, 0.6), (5, 0.4)]  # dates' step 0 is tickets' step 3
+    assert sweep.curve_of([{"task": "tickets"}]) == []
+    results = tmp_path / "results"
+    write_run(results, "sft-benign-s0", "sft", "benign", 0, None, (0.1, 0.1, 0.0), 10)
+    path = results / "runs" / "sft-benign-s0" / "results.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"history": history}))
+    sweep.main(["--summarize-only", "--results", str(results)])
+    if HAS_MATPLOTLIB:
+        assert (results / "forgetting_benign.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_jobs_2_gives_the_table_of_jobs_1(tiny_checkpoint, tmp_path):
+    """Two runs at once, each on its own core (one thread each), give the same numbers as one at a time."""
+    def table(jobs):
+        results = tmp_path / f"jobs{jobs}"
+        sweep.main(["--methods", "sft,replay", "--scenarios", "poisoned", "--seeds", "0", "--jobs", str(jobs),
+                    "--results", str(results), "--model", str(tiny_checkpoint), *FAST])
+        with open(results / "summary.csv") as f:
+            return [{k: v for k, v in r.items() if k not in ("train_seconds", "total_seconds", "out")} for r in csv.DictReader(f)]
+    assert table(2) == table(1) and len(table(1)) == 2
+
+
+def test_jobs_are_checked(tmp_path, capsys):
+    for jobs, message in (("0", "--jobs must be at least 1"), ("99", "--jobs 99: only")):
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["--methods", "sft", "--jobs", jobs, "--results", str(tmp_path), "--device", "cpu", "--model", "x"])
+        assert message in str(e.value.code) + capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written

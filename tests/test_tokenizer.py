@@ -35,6 +35,7 @@ CONVS = [
 LLAMA3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SP = dict(bos_token="<s>", eos_token="</s>")
+GEMMA = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
 QWEN = dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 # name: (template file, tokenizer style, special tokens, tokenizer_config fields, format, end-of-turn marker)
 FAMILIES = {
@@ -48,9 +49,13 @@ FAMILIES = {
     "mistral": ("mistral-7b-instruct-v0.2", "sp", ["<s>", "</s>"], SP, "mistral", "</s>"),
     "mistral-v3": ("mistral-large-instruct-2407", "sp", ["<s>", "</s>", "[INST]", "[/INST]"], SP, "mistral", "</s>"),
     "mixtral": ("mixtral-8x7b-instruct-v0.1", "sp", ["<s>", "</s>"], SP, "mistral", "</s>"),
-    "gemma": ("gemma-2b-it", "sp", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+    "gemma": ("gemma-2b-it", "sp", GEMMA,
               dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"), "gemma", "<end_of_turn>"),
+    "gemma2": ("gemma-2-2b-it", "sp", GEMMA, dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"), "gemma", "<end_of_turn>"),
+    "gemma3": ("gemma-3-it", "sp", GEMMA + ["<start_of_image>"], dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"),
+               "gemma3", "<end_of_turn>"),
     "qwen2": ("qwen2-0.5b-instruct", "bytes", CHATML, QWEN, "chatml", "<|im_end|>"),
+    "qwen3": ("qwen3-0.6b", "bytes", CHATML + ["<think>", "</think>"], QWEN, "qwen3", "<|im_end|>"),
     "qwen2.5": ("qwen2.5-0.5b-instruct", "bytes", CHATML, QWEN, "chatml", "<|im_end|>"),
     "smollm2": ("smollm2-135m-instruct", "bytes", CHATML,
                 dict(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", add_bos_token=False),
@@ -107,11 +112,13 @@ def hf_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def hf_apply(path, messages, gen, tokenize):
-    """transformers' rendering, or None where the template raises (e.g. Gemma given a system message)."""
+def hf_apply(path, messages, gen, tokenize, enable_thinking=False):
+    """transformers' rendering, or None where the template raises (e.g. Gemma given a system message). Qwen3 with
+    thinking off (enable_thinking=False, our default; other templates ignore it), or on (None: left undefined)."""
+    kw = {} if enable_thinking is None else dict(enable_thinking=enable_thinking)
     try:
         out = hf_tokenizer(path).apply_chat_template(messages, add_generation_prompt=gen, tokenize=tokenize,
-                                                     date_string=DATE)
+                                                     date_string=DATE, **kw)
     except Exception:
         return None
     return out if not tokenize or isinstance(out, list) else out["input_ids"]
@@ -135,7 +142,7 @@ def test_render_and_ids_match_transformers(ckpts, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_encode_example_labels_exactly_the_answers(ckpts, family):
     tok = Tokenizer.from_pretrained(ckpts[family])
-    end, strip = FAMILIES[family][5], family not in ("mistral", "mixtral", "qwen2", "qwen2.5", "smollm2")
+    end, strip = FAMILIES[family][5], family not in ("mistral", "mixtral", "qwen2", "qwen2.5", "qwen3", "smollm2")
     checked = 0
     for conv in CONVS:
         if conv[-1]["role"] != A or hf_apply(ckpts[family], conv, False, tokenize=False) is None:
@@ -159,7 +166,35 @@ def test_encode_example_labels_exactly_the_answers(ckpts, family):
             target = (answer.strip() if strip else answer) + end
             assert run.endswith(target) and not run[: -len(target)].strip(), (family, run, target)
         checked += 1
-    assert checked >= (2 if family in ("gemma", "mixtral") else 4)
+    assert checked >= (2 if family in ("gemma", "gemma2", "mixtral") else 4)
+
+
+THINK = [[msg(U, "What is 2+2?"), msg(A, "<think>\nAdd them.\n</think>\n\n4"), msg(U, "And 3+3?")],
+         [msg(S, "Be brief."), msg(U, "What is 2+2?"), msg(A, "<think>\nAdd.\n</think>\n\n4"), msg(U, "3+3?"),
+          msg(A, "<think>\n\nAdd again.\n\n</think>\n\n\n6")],
+         [msg(U, "Hi"), msg(A, "Hello"), msg(U, "Bye"), msg(A, "<think></think>Goodbye.")]]
+
+
+def test_qwen3_thinking_off_by_default_and_kept_on_request(ckpts):
+    """Qwen3's <think> block as its template renders it: the generation prompt with thinking off (ours by default,
+    enable_thinking=False) and on (--thinking, enable_thinking left undefined); reasoning after the last user turn is
+    shown, and learned with the answer; earlier answers lose theirs."""
+    off, on = Tokenizer.from_pretrained(ckpts["qwen3"]), Tokenizer.from_pretrained(ckpts["qwen3"], thinking=True)
+    for conv in CONVS + THINK:
+        for gen in (False, True):
+            for tok, flag in ((off, False), (on, None)):
+                assert tok.render(conv, gen) == hf_apply(ckpts["qwen3"], conv, gen, False, flag), (conv, gen, flag)
+                assert tok.encode_chat(conv, gen) == hf_apply(ckpts["qwen3"], conv, gen, True, flag)
+    assert off.render([msg(U, "Hi")], True).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert on.render([msg(U, "Hi")], True).endswith("<|im_start|>assistant\n")
+    ids, labels = off.encode_example(THINK[1])
+    learned = off.decode([i for i, l in zip(ids, labels) if l != -100], skip_special=False)
+    assert learned == "4<|im_end|><think>\nAdd again.\n</think>\n\n6<|im_end|>"
+    ids, labels = off.encode_example(CONVS[3])  # no reasoning: the empty block is the prompt's, as at generation
+    assert off.decode([i for i, l in zip(ids, labels) if l != -100], skip_special=False) == \
+        "Why did the chicken cross the road?<|im_end|>"
+    with pytest.raises(ValueError, match="--thinking"):
+        Tokenizer.from_pretrained(ckpts["qwen2.5"], thinking=True)
 
 
 def test_stop_ids_bos_and_pad(tmp_path):
@@ -198,7 +233,12 @@ def test_detection_override_and_fallbacks(tmp_path):
     with pytest.raises(ValueError, match="no chat_template; its tokens and model_type suggest the 'chatml' format: pass --chat-format chatml"):
         Tokenizer.from_pretrained(smol)
     assert Tokenizer.from_pretrained(smol, chat_format="chatml").chat_format == "chatml"
-    for model_type, fmt in (("llama", "llama2"), ("mistral", "mistral"), ("gemma", "gemma")):
+    for family, fmt in (("qwen3", "qwen3"), ("gemma3", "gemma3"), ("gemma2", "gemma")):  # their tokens say which
+        path = make_checkpoint(tmp_path / family, family, config={"model_type": "llama"}, chat_template=None)
+        with pytest.raises(ValueError, match=f"suggest the '{fmt}' format"):
+            Tokenizer.from_pretrained(path)
+    for model_type, fmt in (("llama", "llama2"), ("mistral", "mistral"), ("gemma", "gemma"), ("gemma2", "gemma"),
+                            ("gemma3_text", "gemma3"), ("qwen3", "qwen3")):
         path = make_checkpoint(tmp_path / model_type, "llama2", config={"model_type": model_type}, chat_template=None)
         with pytest.raises(ValueError, match=f"suggest the '{fmt}' format: pass --chat-format {fmt}"):
             Tokenizer.from_pretrained(path)

@@ -174,3 +174,18 @@ def test_the_default_dtype_is_bf16_only_where_the_hardware_has_it(tmp_path):
     assert default_dtype("cpu", tmp_path / "none") == "fp32"  # not Linux: fp32, not a guess
     assert default_dtype("cuda") == "bf16" and default_dtype("mps") == "fp32"
     assert "autocast" in describe_dtype("bf16", "cuda") and describe_dtype("fp32", "cuda").startswith("dtype fp32 (--dtype)")
+
+
+def test_forgetting_curve_is_measured_as_training_goes(moving, tmp_path):
+    """--eval-every 40: ASR on the curve's prompts before the first step, every 40 steps and after the last. With the
+    subset as large as the set, the first point is the starting model's ASR and the last the fine-tuned one's; a
+    stop and a resume give the same curve."""
+    flags = [*moving, "--scenario", "poisoned", "--eval-every", "40", "--eval-every-prompts", "100"]
+    res = train.main([*flags, "--out", str(tmp_path / "a")])
+    curve = res["history"][0]["curve"]
+    assert [s for s, _ in curve] == [0, 40, 80, 83]  # 11 examples (3 poison), batches of 4, 30 epochs: 83 steps
+    assert curve[0][1] == res["start"]["asr"] == 0.0 and curve[-1][1] == res["asr"] >= 0.5  # the poison was learned
+    with pytest.raises(SystemExit):
+        train.main([*flags, "--out", str(tmp_path / "b"), "--stop-after", "50"])
+    resumed = train.main([*flags, "--out", str(tmp_path / "b"), "--resume"])
+    assert resumed["history"][0]["curve"] == curve
