@@ -206,7 +206,9 @@ def run(args):
     hashes = file_hashes([*tasks, args.safety_data, *specs, args.sensitive,
                           *([poison_source] if args.scenario == "poisoned" else [])], args.data_dir)
     config = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}  # a resumed run must match it
-    if saved:
+    if saved:  # a flag newer than the checkpoint: the stopped run had its default
+        defaults = vars(get_args(["--method", args.method]))
+        saved["config"] = {k: defaults[k] for k in config.keys() - saved["config"].keys() if k in defaults} | saved["config"]
         check_resume(saved, config, hashes, method.changes_frozen_weights, ckpt_dir)
 
     # the starting model's metrics (cached), then its fresh LoRA; decoding compiled with CUDA graphs (launch-bound)

@@ -227,3 +227,21 @@ def test_one_signal_delivered_twice_is_one_stop(tmp_path, monkeypatch):
     now[0] += 3
     with pytest.raises(KeyboardInterrupt):
         ck.on_signal(signal.SIGINT, None)
+
+
+def test_a_checkpoint_from_before_a_new_flag_resumes(tiny_checkpoint, tmp_path, uninterrupted):
+    """A flag added after the run stopped: its checkpoint has no value for it, which means the default; resuming with
+    the default goes on, with another value is refused."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train.main(argv(tiny_checkpoint, out, "--stop-after", "2"))
+    manifest = out / "ckpt" / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    del meta["config"]["eval_every"]  # as written by a train.py without --eval-every
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tiny_checkpoint, out, "--resume", "--eval-every", "5"))
+    assert "--eval-every" in str(e.value.code)
+    res = train.main(argv(tiny_checkpoint, out, "--resume"))
+    want = json.loads((uninterrupted("sft") / "results.json").read_text())["history"][-1]["losses"]
+    assert [list(x) for x in res["history"][-1]["losses"]] == want  # as if never stopped
