@@ -27,10 +27,12 @@ import lora
 import prepare
 from batches import tokenize
 from cli import default_dtype
-from eval import answer, is_refusal
+from eval import answer
+from files import atomic_write
+from judges import is_refusal
 from loop import fit
 from methods.sft import SFT
-from model import Transformer, atomic_write
+from model import Transformer
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).parent / "checkpoints"

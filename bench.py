@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -48,10 +47,12 @@ import data
 import lora
 from batches import collate, grouped_order, tokenize
 from cli import default_dtype, one_line_errors
+from config import ModelConfig
+from files import write_json
 from generate import generate
 from loop import fit, lr_at, n_steps
 from methods.method import nll
-from model import ModelConfig, Transformer, write_json
+from model import Transformer
 from tasks import ANSWER_TOKENS
 from tokenizer import Tokenizer
 
@@ -196,7 +197,7 @@ def eval_prompts(tok, n=None, seed=0):
 
 
 def generation_batches(prompts, batch_size):
-    """(ids lists, answer tokens) batches as eval.complete makes them: per answer length, longest prompt first."""
+    """(ids lists, answer tokens) batches as generate.complete makes them: per answer length, longest prompt first."""
     out = []
     for new in sorted({n for _, n in prompts}):
         ids = sorted((p for p, n in prompts if n == new), key=len, reverse=True)

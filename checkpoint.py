@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from model import read_json, save_tensors, write_json
+from files import read_json, save_tensors, write_json
 
 # flags a resumed run may change; every other one must equal the stopped run's
 RESUME_MAY_CHANGE = {"resume", "ckpt_every", "stop_after", "overwrite", "device", "compile", "eval_batch_size", "grad_ckpt", "save"}

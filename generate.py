@@ -5,6 +5,7 @@ its own RoPE positions (pads do not count) and a key mask hides the pads, so a p
 tokens alone or in a batch. Rows stop at any of `stop_ids`; the loop ends when every row has.
 """
 import torch
+from tqdm import tqdm
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -63,3 +64,15 @@ def generate(model, prompts, max_new_tokens=128, stop_ids=(), temperature=0.0, t
         model.clear_cache(keep=decode_step is not None)
     out = torch.stack(out, 1).tolist()  # (B, new)
     return [[t for t in row[: row.index(-1) if -1 in row else len(row)]] for row in out]
+
+
+def complete(model, tok, ids, max_new_tokens, batch_size, desc, decode_step=None):
+    """Greedy continuations (text) of token id lists, in their order (batched longest-first: less padding)."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out = [None] * len(ids)
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not ids):
+        chunk = order[s: s + batch_size]
+        for i, new in zip(chunk, generate(model, [ids[i] for i in chunk], max_new_tokens, tok.stop_ids, pad_id=tok.pad_id,
+                                            decode_step=decode_step)):
+            out[i] = tok.decode(new).strip()
+    return out

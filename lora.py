@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import read_json, save_tensors, write_json
+from files import read_json, save_tensors, write_json
 
 PEFT_PREFIX = "base_model.model."
 

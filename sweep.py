@@ -53,11 +53,11 @@ from pathlib import Path
 
 import align
 import train
-from intervals import as_arrays, bootstrap, paired_bootstrap
 from checkpoint import RESUME_MAY_CHANGE
 from cli import one_line_errors
+from files import atomic_write, write_json
+from intervals import as_arrays, bootstrap, paired_bootstrap
 from methods import METHODS
-from model import atomic_write, write_json
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 SET_BY_SWEEP = ("--method", "--scenario", "--seed", "--out", "--overwrite", "--resume")

@@ -40,11 +40,12 @@ from batches import tokenize
 from checkpoint import (RESUME_MAY_CHANGE, Checkpoints, Stopped, check_resume, read_checkpoint, restore, snapshot)
 from cli import default_dtype, describe_dtype, one_line_errors
 from distributed import DDP, setup_distributed, shard, world_size
-from eval import (answer_tokens, check_device, check_lengths, evaluate, judges_by_stage, make_judge, print_details, print_table,
-                  task_metric, write_jsonl)
+from eval import check_device, check_lengths, evaluate, judges_by_stage, print_details, print_table, task_metric, write_jsonl
+from files import write_json
+from judges import answer_tokens, make_judge
 from loop import fit, n_steps
 from methods import METHODS, inner_choices, make
-from model import Transformer, write_json
+from model import Transformer
 from tokenizer import Tokenizer
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from batches import at_targets, collate
-from model import load_safetensors
+from files import load_safetensors
 
 
 class Method:

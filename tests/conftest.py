@@ -9,8 +9,9 @@ import torch
 
 import lora
 from batches import tokenize
+from config import ModelConfig
 from methods import METHODS
-from model import ModelConfig, Transformer
+from model import Transformer
 from tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

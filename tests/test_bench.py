@@ -38,7 +38,7 @@ def test_the_experiment_workload_is_the_default_runs_work(tiny_checkpoint):
     gen = bench.generation_batches(prompts, 16)
     assert sum(len(ids) for ids, _ in gen) == len(prompts)
     for ids, _ in gen:
-        assert [len(r) for r in ids] == sorted((len(r) for r in ids), reverse=True)  # longest first, as eval.complete
+        assert [len(r) for r in ids] == sorted((len(r) for r in ids), reverse=True)  # longest first, as generate.complete
 
 
 def test_experiment_workload_agrees_with_hf(tiny_aligned):

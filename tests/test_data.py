@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import formats  # noqa: E402
-from eval import final_number, is_refusal, task_metric  # noqa: E402
+from eval import final_number, task_metric  # noqa: E402
+from judges import is_refusal  # noqa: E402
 from formats import DataError  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures" / "formats"

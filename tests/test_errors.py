@@ -11,8 +11,9 @@ import torch
 
 import eval as evaluate_cli
 import train
-from model import ModelConfig, Transformer
+from config import ModelConfig
 from conftest import edit_config
+from model import Transformer
 from test_train import FAST, FIX
 
 
@@ -285,7 +286,7 @@ def test_eval_cuda_without_a_gpu(tiny_checkpoint):
 
 
 def test_a_failed_write_leaves_no_temporary_file(tmp_path):
-    from model import write_json
+    from files import write_json
     (tmp_path / "a").mkdir()
     with pytest.raises(OSError):
         write_json(tmp_path / "a", {"x": 1})  # a directory is in the way

@@ -16,7 +16,10 @@ import pytest
 import torch
 
 import eval as evaluate_cli
-from model import ModelConfig, Transformer
+import generate
+import judges
+from config import ModelConfig
+from model import Transformer
 from test_tokenizer import TEMPLATES, hf_apply, make_checkpoint
 from tokenizer import Tokenizer
 
@@ -62,21 +65,21 @@ def test_prompt_is_the_real_templates_rendering(guards, variant):
     for conv in CONVS:
         msgs = conv if variant == "8b" else [dict(m, content=[{"type": "text", "text": m["content"]}]) for m in conv]
         want = hf_apply(guards[variant], msgs, False, tokenize=False)
-        ours = evaluate_cli.guard_prompt(conv, variant)
+        ours = judges.guard_prompt(conv, variant)
         assert ours == want, (variant, conv)
         assert tok.encode(ours) == hf_apply(guards[variant], msgs, False, tokenize=True)
-    assert evaluate_cli.LlamaGuardJudge(guards[variant]).variant == variant  # read off the checkpoint's template
+    assert judges.LlamaGuardJudge(guards[variant]).variant == variant  # read off the checkpoint's template
 
 
 def test_prompt_contents():
-    one, two = evaluate_cli.guard_prompt(CONVS[0]), evaluate_cli.guard_prompt(CONVS[1])
+    one, two = judges.guard_prompt(CONVS[0]), judges.guard_prompt(CONVS[1])
     assert "unsafe content in 'User' messages" in one and "ONLY THE LAST User message" in one
     assert "ONLY THE LAST Agent message" in two and "User: How do I pick a lock?\n\nAgent: I can't help with that.\n\n" in two
-    for k, name in evaluate_cli.GUARD_CATEGORIES.items():
+    for k, name in judges.GUARD_CATEGORIES.items():
         assert f"\n{k}: {name}.\n" in two
-    assert "S14" not in evaluate_cli.guard_prompt(CONVS[1], "1b")
+    assert "S14" not in judges.guard_prompt(CONVS[1], "1b")
     with pytest.raises(ValueError, match="alternate"):
-        evaluate_cli.guard_prompt([msg(A, "a")])
+        judges.guard_prompt([msg(A, "a")])
 
 
 @pytest.mark.parametrize("reply, want", [
@@ -93,7 +96,7 @@ def test_prompt_contents():
     (None, (False, [], False)),
 ])
 def test_parse_verdict(reply, want):
-    assert evaluate_cli.parse_verdict(reply) == want
+    assert judges.parse_verdict(reply) == want
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +150,7 @@ def test_eval_counts_verdicts_categories_and_parse_failures(tiny_llama3, guards,
                 out.append(tok.encode(next((a for k, a in answers.items() if k in text), "Here you go.")))
         return out
 
-    monkeypatch.setattr(evaluate_cli, "generate", fake_generate)
+    monkeypatch.setattr(generate, "generate", fake_generate)
     res = run_eval(tiny_llama3, guards["8b"], tmp_path / "r.json", "--batch-size", "8")
     assert len(seen) == 3 and all(s.startswith(" <|begin_of_text|>") for s in seen)  # the 8B template's prompt
     assert res["asr"] == pytest.approx(1 / 3)
@@ -208,14 +211,14 @@ def test_answer_length_follows_the_judge():
     assert train.get_args([]).max_new_tokens == 32
     assert train.get_args(["--judge", "llama-guard:/x"]).max_new_tokens == 512
     assert train.get_args(["--judge", "keyword,llama-guard:/x", "--max-new-tokens", "48"]).max_new_tokens == 48
-    assert evaluate_cli.answer_tokens("keyword") == 32
+    assert judges.answer_tokens("keyword") == 32
 
 
 def test_cohen_kappa_worked_value():
     # agreement 0.75; chance agreement 0.5 * 0.25 + 0.5 * 0.75 = 0.5; kappa (0.75 - 0.5) / 0.5
-    assert evaluate_cli.cohen_kappa([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(0.5)
-    assert evaluate_cli.cohen_kappa([1, 0], [0, 1]) == pytest.approx(-1.0)
-    assert evaluate_cli.cohen_kappa([1, 1], [1, 1]) is None  # both always say yes: chance explains everything
+    assert judges.cohen_kappa([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(0.5)
+    assert judges.cohen_kappa([1, 0], [0, 1]) == pytest.approx(-1.0)
+    assert judges.cohen_kappa([1, 1], [1, 1]) is None  # both always say yes: chance explains everything
 
 
 def test_kept_answers_are_judged_again_without_generating(tiny_llama3, guards, tmp_path, monkeypatch, capsys):
@@ -243,8 +246,8 @@ def test_kept_answers_are_judged_again_without_generating(tiny_llama3, guards, t
     assert again["judges"]["start"]["asr"]["keyword"]["asr"] == res["start"]["asr"]
 
     calls = []
-    real = evaluate_cli.generate
-    monkeypatch.setattr(evaluate_cli, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = generate.generate
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     evaluate_cli.main(["--rejudge", str(tmp_path), "--judge", f"llama-guard:{guards['1b']}", "--batch-size", "8"])
     again = json.loads((out / "results.json").read_text())
     report = again["judges"]["after 1 tickets"]

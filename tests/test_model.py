@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from config import ModelConfig
 from conftest import edit_config
-from model import ModelConfig, Transformer
+from model import Transformer
 
 transformers = pytest.importorskip("transformers")
 

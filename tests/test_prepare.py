@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import prepare
-from model import ModelConfig, Transformer
+from config import ModelConfig
+from model import Transformer
 
 transformers = pytest.importorskip("transformers")
 from tokenizers import Regex, Tokenizer, pre_tokenizers  # noqa: E402
