@@ -43,7 +43,9 @@ def generate(model, prompts, max_new_tokens=128, stop_ids=(), temperature=0.0, t
     model.setup_cache(B, L)
     step = model if decode_step is None else decode_step
     try:
-        h = model(idx, positions=positions, input_pos=torch.arange(P, device=device), key_mask=key_mask, return_hidden=True)
+        # eager, each step reads only the filled slots (key_mask[:, :n]); a compiled step reads all L (static shapes)
+        filled = (lambda n: key_mask) if decode_step is not None else (lambda n: key_mask[:, :n])
+        h = model(idx, positions=positions, input_pos=torch.arange(P, device=device), key_mask=filled(P), return_hidden=True)
         # the prompt's other positions need no logits; 2-D, so it is one matrix product: the 3-D slice h[:, -1:] of
         # frozen weights went through a batched product that copied the vocabulary matrix per row (5 s a batch)
         logits = model.lm_head(h[:, -1])[:, None]
@@ -59,7 +61,8 @@ def generate(model, prompts, max_new_tokens=128, stop_ids=(), temperature=0.0, t
                 break
             pos = pos + 1
             key_mask[:, P + t] = True
-            logits = step(tok[:, None], positions=pos, input_pos=torch.tensor([P + t], device=device), key_mask=key_mask)
+            logits = step(tok[:, None], positions=pos, input_pos=torch.tensor([P + t], device=device),
+                          key_mask=filled(P + t + 1))
     finally:
         model.clear_cache(keep=decode_step is not None)
     out = torch.stack(out, 1).tolist()  # (B, new)

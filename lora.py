@@ -50,7 +50,9 @@ class LoRALinear(nn.Module):
             return y - F.linear(x, self.delta().to(x.dtype)) if self.disabled else y
         if self.disabled:
             return y
-        a = self.dropout(x).to(self.lora_A.weight.dtype)  # no-op under autocast or in fp32
+        a = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # bf16 weights without autocast: the fp32 adapter's dtype
+            a = a.to(self.lora_A.weight.dtype)  # (under autocast lora_A casts to bf16 anyway: a cast there is a round trip)
         return y + (self.lora_B(self.lora_A(a)) * self.scale).to(y.dtype)
 
     @torch.no_grad()

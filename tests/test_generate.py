@@ -36,6 +36,24 @@ def test_cache_equals_no_cache_and_batch_equals_single(variant):
         assert generate(m, [p], max_new_tokens=12)[0] == got
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reading_the_filled_slots_equals_reading_the_whole_cache(variant):
+    # eager steps attend to the filled cache slots only; a decode_step (compiled in use) to all of them
+    m = tiny(**VARIANTS[variant])
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]]
+    m.setup_cache(3, 64)
+    with torch.no_grad():
+        idx = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [0] * 5 + [9, 8], [0] * 3 + [5, 5, 5, 1]])
+        key_mask = torch.zeros(3, 64, dtype=torch.bool)
+        key_mask[0, :7], key_mask[1, 5:7], key_mask[2, 3:7] = True, True, True
+        pos = (key_mask[:, :7].long().cumsum(-1) - 1).clamp(min=0)
+        whole = m(idx, positions=pos, input_pos=torch.arange(7), key_mask=key_mask)
+        filled = m(idx, positions=pos, input_pos=torch.arange(7), key_mask=key_mask[:, :7])
+    m.clear_cache()
+    torch.testing.assert_close(filled, whole)
+    assert generate(m, prompts, max_new_tokens=12, decode_step=m) == generate(m, prompts, max_new_tokens=12)
+
+
 def test_stop_ids_end_rows_and_are_excluded():
     m = tiny()
     p = [1, 2, 3]
