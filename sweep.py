@@ -571,7 +571,8 @@ def plot_curves(rows, results):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for method, runs in methods.items():
             steps = sorted(set.intersection(*(set(c) for c in runs)))  # the steps every seed measured
-            ax.plot(steps, [100 * sum(c[s] for c in runs) / len(runs) for s in steps], marker=".", label=f"{method} ({len(runs)} seeds)")
+            label = f"{method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+            ax.plot(steps, [100 * sum(c[s] for c in runs) / len(runs) for s in steps], marker=".", label=label)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("ASR % on the curve's harmful prompts")
         ax.set_title(f"forgetting as it happens ({scenario}; mean over seeds)")
