@@ -72,6 +72,11 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _bf16_on_cpu(x):
+    """Whether attention on CPU tensor x computes in bf16: x is bf16, or bf16 autocast is on (it casts SDPA's inputs)."""
+    return x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 class KVCache(nn.Module):
     def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
         super().__init__()
@@ -133,18 +138,26 @@ class Attention(nn.Module):
             # badly: this is 5x faster in bf16 than enable_gqa (2026-12-03, Zen 5), and never slower in fp32.
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask,
                                                scale=self.scale).view(B, self.n_heads, 1, self.head_dim)
-        elif self.softcap is None:
+        elif self.softcap is None and not (mask is None and q.is_cpu and torch.is_grad_enabled() and _bf16_on_cpu(q)):
             # GQA: each K/V head serves n_heads / n_kv_heads query heads. enable_gqa lets the kernel share them;
             # materialising the repeated K/V (llama-style repeat_kv) cost 20x more per decode step on a CPU.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
-        else:  # Gemma 2 caps the scores before the softmax, which SDPA cannot: transformers' eager attention
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, L, hd)
-            att = (q @ k.transpose(-2, -1)) * (self.scale or self.head_dim ** -0.5)  # (B, nh, T, L)
-            att = self.softcap * torch.tanh(att / self.softcap)
-            att = att.masked_fill(~mask, float("-inf"))  # the caller always gives this path a mask
-            y = torch.softmax(att.float(), dim=-1).to(q.dtype) @ v  # (B, nh, T, hd)
+        else:
+            # explicit scores: Gemma 2 caps them before the softmax, which SDPA cannot (transformers' eager attention);
+            # and a bf16 training step on a CPU, where SDPA's flash backward is slow: fwd+bwd of one layer (8 x 128,
+            # 9 heads over 3) 21 ms there, 9 ms here (2026-12-03, Zen 5; in fp32, or without grad, SDPA is faster).
+            # Each K/V head's query heads are the rows of one block (B, nkv, rep * T, hd): no repeated K/V.
+            L, rep = k.shape[2], self.n_heads // self.n_kv_heads
+            att = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim) @ k.transpose(-2, -1)  # (B, nkv, rep * T, L)
+            att = att.view(B, self.n_kv_heads, rep, T, L) * (self.scale or self.head_dim ** -0.5)
+            if self.softcap is not None:
+                att = self.softcap * torch.tanh(att / self.softcap)
+            if mask is None:  # training: causal
+                mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~(mask if mask.dim() == 2 else mask[:, :, None]), float("-inf"))
+            att = torch.softmax(att, dim=-1)  # accumulated in fp32 for bf16 inputs too
+            y = (att.view(B, self.n_kv_heads, rep * T, L) @ v).view(B, self.n_heads, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh * hd)
 
 

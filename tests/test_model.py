@@ -262,6 +262,29 @@ def test_sliding_window_mask():
     assert m.tolist() == [[j <= q and q - 3 < j for j in range(6)] for q in range(6)]
 
 
+def test_bf16_training_attention_on_a_cpu_equals_sdpa(monkeypatch):
+    """A bf16 training step on a CPU computes attention explicitly (SDPA's flash backward is slow there): the same
+    logits as SDPA's path, and gradients as near fp32's as bf16 allows."""
+    import torch.nn.functional as F
+    from conftest import tiny_model
+    m, idx = tiny_model(), torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sdpa = m(idx).float()  # without grad: SDPA
+    calls = []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit = m(idx).float()
+    assert not calls  # the explicit path ran
+    torch.testing.assert_close(explicit, sdpa, atol=0.05, rtol=0.05)
+    explicit.logsumexp(-1).sum().backward()
+    got = [p.grad.clone() for p in m.parameters()]
+    monkeypatch.undo()
+    m.zero_grad()
+    m(idx).logsumexp(-1).sum().backward()  # fp32: SDPA
+    for g, p in zip(got, m.parameters()):
+        assert (g - p.grad).norm() <= 0.03 * p.grad.norm()
+
+
 def test_missing_unknown_and_truncated_tensors(tmp_path):
     from safetensors.torch import load_file, save_file
     _, path = make_hf("llama-gqa-llama3-rope", tmp_path)
