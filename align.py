@@ -42,7 +42,7 @@ GENERATED = ROOT / "generated"
 # alignment recipe (README "How the default was chosen"): a larger LoRA on every
 # projection; every harmful train prompt refused both as written and framed
 RECIPE = dict(lora_rank=16, lora_alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-              lr=1e-3, epochs=1.5, batch_size=8, max_new_tokens=64, refusals="plain+framed", helpful="non-refusing")
+              lr=1e-3, epochs=1.5, batch_size=8, max_new_tokens=64, refusals="plain+framed", helpful="non-refusing, sensitive twice")
 
 
 POISON = slice(3, None, 4)  # the harmful training prompts set apart for the poison; the safety memory keeps the rest
@@ -104,6 +104,8 @@ def ensure_aligned(device="cpu") -> Path:
     refusals = data.safety_data("default", both=True)
     helpful = data.load_task(str(GENERATED / "benign.jsonl"), "all")
     helpful = [h for h in helpful if not is_refusal(h["response"])]  # the base model's own "I'm sorry ..." replies
+    sensitive = {p["prompt"] for p in data.load_prompts("sensitive-train")}  # next to the refusal boundary: seen twice,
+    helpful += [h for h in helpful if h["prompt"] in sensitive]             # as every harmful prompt is (plain and framed)
     examples = tokenize(tok, refusals + helpful, 320, "alignment data")
     model = Transformer.from_pretrained(base, device=device, dtype=torch.float32)
     r = RECIPE
