@@ -57,8 +57,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
-from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
@@ -237,6 +235,7 @@ def _read_gguf(path):
     path = Path(path)
     if not path.is_file():
         raise PrepareError(f"GGUF file not found: {path}")
+    from gguf import GGUFReader  # here, not at the top: train.py imports this module and runs without gguf
     try:
         reader = GGUFReader(path)
         meta = {k: f.contents() for k, f in reader.fields.items()}
@@ -271,6 +270,7 @@ def convert_gguf(gguf_path, out_dir):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700
     gemma = config["model_type"] == "gemma3_text"
+    from gguf.quants import dequantize
     try:
         state = {}
         for t in tqdm(tensors, desc="dequantize", file=sys.stderr):

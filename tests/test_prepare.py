@@ -227,6 +227,12 @@ def test_bad_inputs_are_one_line_errors(ckpt, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_the_programs_import_without_gguf():
+    """gguf only converts the embedded checkpoints: a GPU machine without it failed at train.py's first line."""
+    code = "import sys; sys.modules['gguf'] = None; import train, eval, sweep, bench, align"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 def test_unreachable_registry_says_what_to_do(tmp_path, monkeypatch):
     for k, v in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2",
                  "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": ""}.items():
