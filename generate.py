@@ -22,18 +22,21 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=128, stop_ids=(), temperature=0.0, top_p=1.0, pad_id=0,
-             generator=None, decode_step=None):
+             generator=None, decode_step=None, cache_len=None):
     """Continue each prompt (a list of token id lists); returns the new ids of each, stop token excluded.
 
     decode_step: a compiled `model` for the one-token steps (e.g. torch.compile(model, mode="reduce-overhead")).
     Its KV caches are then kept for the next call of the same shape; model.clear_cache() frees them.
+    cache_len: the KV cache's slots (default: the prompts and new tokens, rounded up to 64).
     """
     device = model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     max_ctx = model.config.max_seq_len
     if P + max_new_tokens > max_ctx:
         raise ValueError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the model's context ({max_ctx})")
-    L = min(max_ctx, -(-(P + max_new_tokens) // 64) * 64)  # cache length rounded up: batches share shapes
+    L = min(max_ctx, cache_len or -(-(P + max_new_tokens) // 64) * 64)  # rounded up: batches share shapes
+    if L < P + max_new_tokens:
+        raise ValueError(f"cache_len {L} < prompt of {P} tokens + {max_new_tokens} new tokens")
     idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
     key_mask = torch.zeros(B, L, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):  # left padding: every row's last prompt token sits in slot P-1
@@ -45,7 +48,8 @@ def generate(model, prompts, max_new_tokens=128, stop_ids=(), temperature=0.0, t
     try:
         # eager, each step reads only the filled slots (key_mask[:, :n]); a compiled step reads all L (static shapes)
         filled = (lambda n: key_mask) if decode_step is not None else (lambda n: key_mask[:, :n])
-        h = model(idx, positions=positions, input_pos=torch.arange(P, device=device), key_mask=filled(P), return_hidden=True)
+        with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile again for every prompt length
+            h = model(idx, positions=positions, input_pos=torch.arange(P, device=device), key_mask=filled(P), return_hidden=True)
         # the prompt's other positions need no logits; 2-D, so it is one matrix product: the 3-D slice h[:, -1:] of
         # frozen weights went through a batched product that copied the vocabulary matrix per row (5 s a batch)
         logits = model.lm_head(h[:, -1])[:, None]
@@ -70,12 +74,22 @@ def generate(model, prompts, max_new_tokens=128, stop_ids=(), temperature=0.0, t
 
 
 def complete(model, tok, ids, max_new_tokens, batch_size, desc, decode_step=None):
-    """Greedy continuations (text) of token id lists, in their order (batched longest-first: less padding)."""
+    """Greedy continuations (text) of token id lists, in their order (batched longest-first: less padding).
+
+    With a compiled decode_step every batch has one shape, so that the step compiles (and records its CUDA graph)
+    once per call rather than once per batch: batch_size rows (the last batch filled up with copies of its first
+    prompt, whose answers are dropped) and a cache of a power of two slots for the longest prompt (eager steps
+    read only the filled slots, so without a decode_step this changes nothing but the memory set aside).
+    """
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = [None] * len(ids)
+    cache_len = max(64, 1 << (max(map(len, ids), default=1) + max_new_tokens - 1).bit_length())
     for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not ids):
         chunk = order[s: s + batch_size]
-        for i, new in zip(chunk, generate(model, [ids[i] for i in chunk], max_new_tokens, tok.stop_ids, pad_id=tok.pad_id,
-                                            decode_step=decode_step)):
+        rows = [ids[i] for i in chunk]
+        if decode_step is not None:
+            rows += rows[:1] * (batch_size - len(rows))
+        for i, new in zip(chunk, generate(model, rows, max_new_tokens, tok.stop_ids, pad_id=tok.pad_id,
+                                            decode_step=decode_step, cache_len=cache_len)):
             out[i] = tok.decode(new).strip()
     return out

@@ -214,6 +214,8 @@ def run(args):
 
     # the starting model's metrics (cached), then its fresh LoRA; decoding compiled with CUDA graphs (launch-bound)
     decode = torch.compile(model, mode="reduce-overhead", fullgraph=True) if args.compile and args.device.startswith("cuda") else None
+    if args.compile:  # a graph per cache length and LoRA state (generate.complete), a few per block: 8 was tight
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     judge = make_judge(args.judge, args.device, dtype) if rank == 0 else None
     eval_kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, judge=judge, decode_step=decode)
     lora_args = (args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))

@@ -1,11 +1,14 @@
 """The speed features change nothing but speed: activation checkpointing, compiled blocks, compiled decoding."""
+import random
+
 import torch
 
 import lora
-from generate import generate
 from batches import collate
+from generate import complete, generate
 from methods.method import nll
 from model import Transformer
+from tokenizer import Tokenizer
 
 
 def lora_grads(model, batch):
@@ -46,3 +49,20 @@ def test_compiled_blocks_and_decode_match_eager(tiny_checkpoint):
     decode = torch.compile(model, fullgraph=True)  # graph breaks in the decode step would fail here
     assert generate(model, prompts, 12, decode_step=decode) == tokens
     assert generate(model, prompts, 12, decode_step=decode) == tokens  # kept caches: reused, same answer
+
+
+def test_evaluation_compiles_the_decode_step_once_per_call_and_never_the_blocks(tiny_checkpoint):
+    """A graph per batch shape (ragged last batches, cache lengths) hit torch.compile's recompile limit in train.py's
+    evaluation on an H200 (fullgraph: a hard error): now every batch of a call has one shape, and the prefill, whose
+    length changes with every batch, runs the compiled blocks eagerly (their recompile budget is training's)."""
+    torch._dynamo.reset()
+    model, tok = Transformer.from_pretrained(tiny_checkpoint), Tokenizer.from_pretrained(tiny_checkpoint)
+    lora.apply_lora(model)
+    rng = random.Random(0)
+    ids = [[rng.randrange(1, 200) for _ in range(rng.randint(3, 100))] for _ in range(23)]  # 5 batches, the last of 3
+    eager = complete(model, tok, ids, 6, 5, "eager")
+    graphs, block_graphs = [], []
+    model.compile_blocks(backend=lambda gm, _: block_graphs.append(gm) or gm.forward)
+    decode = torch.compile(model, backend=lambda gm, _: graphs.append(gm) or gm.forward, fullgraph=True)
+    assert complete(model, tok, ids, 6, 5, "compiled", decode_step=decode) == eager
+    assert len(graphs) == 1 and block_graphs == []
