@@ -92,6 +92,8 @@ def get_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256, help="random workload: tokens per row")
     p.add_argument("--steps", type=int, default=5, help="timed training steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    p.add_argument("--rounds", type=int, default=1, help="time ours then HF this many times in turn (A B A B) and "
+                   "report the median of the per-round ratios: a CPU's speed drifts by 10-20%% over minutes")
     p.add_argument("--gen-batch", type=int, help="generation batch (default 64 for experiment, as eval.py; 16 for random)")
     p.add_argument("--gen-prompts", type=int, default=128, help="experiment: evaluation prompts generated for")
     p.add_argument("--prompt-len", type=int, default=64, help="random workload: prompt tokens")
@@ -107,7 +109,7 @@ def get_args(argv=None):
     experiment = args.workload == "experiment"
     args.batch_size = (8 if experiment else 4) if args.batch_size is None else args.batch_size
     args.gen_batch = (64 if experiment else 16) if args.gen_batch is None else args.gen_batch
-    for flag in ("batch_size", "seq_len", "steps", "gen_batch", "gen_prompts", "prompt_len", "new_tokens"):
+    for flag in ("batch_size", "seq_len", "steps", "rounds", "gen_batch", "gen_prompts", "prompt_len", "new_tokens"):
         if not getattr(args, flag) > 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.warmup < 0:
@@ -388,11 +390,12 @@ def microbench(args, model_dir):
     if args.only != "generate":
         timed_batches = batches[args.warmup:]
         n = sum(b["idx"].numel() for b in timed_batches) / len(timed_batches)  # positions a step computes
-        (sec, mem), _ = ours_train(model_dir, args, batches)
-        res["train_ours"] = dict(tokens_per_s=n / sec, peak_gib=mem)
-        if hf:
-            sec_hf, mem_hf = hf_train(model_dir, args, batches)
-            res["train_hf"] = dict(tokens_per_s=n / sec_hf, peak_gib=mem_hf)
+        for _ in range(args.rounds):
+            (sec, mem), _ = ours_train(model_dir, args, batches)
+            add_round(res, "train_ours", n / sec, mem)
+            if hf:
+                sec_hf, mem_hf = hf_train(model_dir, args, batches)
+                add_round(res, "train_hf", n / sec_hf, mem_hf)
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if args.dtype == "bf16" else None
         if peak:  # forward + activation gradients; mean causal context T/2
             work = sum(b["idx"].numel() * 2 * flops_per_token(cfg, b["idx"].shape[1] / 2) for b in timed_batches)
@@ -402,26 +405,45 @@ def microbench(args, model_dir):
                     res[side]["mfu"] = res[side]["tokens_per_s"] * work / peak
         rows.append(("train", train_shape, res.get("train_ours"), res.get("train_hf")))
     if args.only != "train":
-        (sec, mem), ours_out = ours_generate(model_dir, args, gen_batches, stop_ids, pad_id)
-        res["generate_ours"] = dict(tokens_per_s=sum(map(len, ours_out)) / sec, peak_gib=mem, seconds=sec)
-        if hf:
-            (sec_hf, mem_hf), hf_out = hf_generate(model_dir, args, gen_batches, stop_ids, pad_id)
-            res["generate_hf"] = dict(tokens_per_s=sum(map(len, hf_out)) / sec_hf, peak_gib=mem_hf, seconds=sec_hf)
-            res["generate_same_tokens"] = same_tokens(ours_out, hf_out)
+        for _ in range(args.rounds):
+            (sec, mem), ours_out = ours_generate(model_dir, args, gen_batches, stop_ids, pad_id)
+            add_round(res, "generate_ours", sum(map(len, ours_out)) / sec, mem, sec)
+            if hf:
+                (sec_hf, mem_hf), hf_out = hf_generate(model_dir, args, gen_batches, stop_ids, pad_id)
+                add_round(res, "generate_hf", sum(map(len, hf_out)) / sec_hf, mem_hf, sec_hf)
+                res["generate_same_tokens"] = same_tokens(ours_out, hf_out)
         rows.append(("generate", gen_shape, res.get("generate_ours"), res.get("generate_hf")))
     print(f"\n| {'what':8} | {'workload':38} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ratio':>5} | {'ours GiB':>8} | {'HF GiB':>6} | {'MFU ours/HF':>11} |")
     print(f"|{'-' * 10}|{'-' * 40}|{'-' * 12}|{'-' * 11}|{'-' * 7}|{'-' * 10}|{'-' * 8}|{'-' * 13}|")
     for what, shape, o, h in rows:
         h = h or {}
-        # generation: the ratio of wall times for the same prompts (each side's own token count can differ at a stop)
-        ratio = (h["seconds"] / o["seconds"] if "seconds" in o else o["tokens_per_s"] / h["tokens_per_s"]) if h else math.nan
-        o["ratio"] = ratio
+        ratio = o["ratio"] = median_ratio(o, h) if h else math.nan
         mfu = f"{100 * o['mfu']:.1f}% / {100 * h['mfu']:.1f}%" if "mfu" in o and "mfu" in h else (f"{100 * o['mfu']:.1f}%" if "mfu" in o else "-")
         print(f"| {what:8} | {shape:38} | {o['tokens_per_s']:10.0f} | {h.get('tokens_per_s', math.nan):9.0f} | {ratio:5.2f} | "
               f"{o['peak_gib']:8.2f} | {h.get('peak_gib', math.nan):6.2f} | {mfu:>11} |")
     if "generate_same_tokens" in res:
         print(f"greedy tokens identical to HF's: {100 * res['generate_same_tokens']:.1f}%")
     return res
+
+
+def add_round(res, side, tokens_per_s, peak_gib, seconds=None):
+    """One round's figure for one side; the side's reported figures are the medians over its rounds."""
+    r = res.setdefault(side, {"rounds": []})
+    r["rounds"].append(dict(tokens_per_s=tokens_per_s, peak_gib=peak_gib) | ({"seconds": seconds} if seconds else {}))
+    for k in r["rounds"][0]:
+        r[k] = median([x[k] for x in r["rounds"]])
+
+
+def median_ratio(ours, hf):
+    """The median over rounds of ours / HF, each round's two sides timed one after the other. Generation: the ratio
+    of wall times for the same prompts (each side's own token count can differ at a stop)."""
+    pairs = zip(ours["rounds"], hf["rounds"])
+    return median([h["seconds"] / o["seconds"] if "seconds" in o else o["tokens_per_s"] / h["tokens_per_s"] for o, h in pairs])
+
+
+def median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 # ---- end to end ---------------------------------------------------------------------------------

@@ -23,6 +23,20 @@ def test_bench_compares_like_with_like(tiny_checkpoint, tmp_path):
     assert (tmp_path / "b.json").exists()
 
 
+def test_rounds_alternate_the_sides_and_report_the_median_ratio(tiny_checkpoint):
+    res = bench.main(["--model", str(tiny_checkpoint), "--device", "cpu", "--dtype", "fp32", "--workload", "random",
+                      "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "8", "--gen-batch", "2",
+                      "--prompt-len", "3", "--new-tokens", "2", "--rounds", "3"])
+    for what, key in (("train", "tokens_per_s"), ("generate", "seconds")):
+        ours, hf = res[f"{what}_ours"], res[f"{what}_hf"]
+        assert len(ours["rounds"]) == len(hf["rounds"]) == 3
+        per_round = [o[key] / h[key] if key == "tokens_per_s" else h[key] / o[key] for o, h in zip(ours["rounds"], hf["rounds"])]
+        assert ours["ratio"] == sorted(per_round)[1]
+        assert ours[key] == sorted(r[key] for r in ours["rounds"])[1]
+    with pytest.raises(SystemExit):
+        bench.get_args(["--rounds", "0"])
+
+
 def test_the_experiment_workload_is_the_default_runs_work(tiny_checkpoint):
     tok = Tokenizer.from_pretrained(tiny_checkpoint)
     batches = bench.experiment_batches(tok, 3, 8)
