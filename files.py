@@ -1,5 +1,6 @@
 """Files written whole or not at all: JSON and safetensors through a temporary name and a rename, and the reading of
 a checkpoint's safetensors (one file or the shards of its index) with errors that name the file."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,9 +46,8 @@ def write_json(path, obj):
     atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def load_safetensors(path: Path) -> dict:
-    """All tensors of a checkpoint directory: model.safetensors or the shards named in the index."""
-    from safetensors import safe_open
+def weight_files(path: Path) -> list:
+    """A checkpoint directory's weight files: model.safetensors, or the shards named in its index."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map") if isinstance(read_json(index), dict) else None
@@ -58,7 +58,24 @@ def load_safetensors(path: Path) -> dict:
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    sd = {}
+    return files
+
+
+def weights_sha256(path) -> str:
+    """The sha256 of a checkpoint's weight files, in order: which model a run started from, wherever it sits (a
+    rebuilt aligned model keeps its directory and its config.json but not its weights)."""
+    h = hashlib.sha256()
+    for name in weight_files(Path(path)):
+        with open(Path(path) / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_safetensors(path: Path) -> dict:
+    """All tensors of a checkpoint directory: model.safetensors or the shards named in the index."""
+    from safetensors import safe_open
+    files, sd = weight_files(path), {}
     for name in files:
         try:
             with safe_open(str(path / name), framework="pt") as f:

@@ -22,7 +22,9 @@ SIGTERM to the sweep reaches the current run as one SIGTERM (train.py writes a c
 one stops it at once), and the sweep stops after it.
 One RESULTS directory holds one setting: RESULTS/settings.json keeps the shared train.py settings (everything but
 the method, its flags, scenario and seed) of the first sweep, and a sweep with other settings is refused, so
-finished runs are never reused for other flags and a table never mixes settings.
+finished runs are never reused for other flags and a table never mixes settings. Nor starting models: a run records
+the sha256 of the weights it started from (results.json start_sha256), and runs from two are refused, before a sweep
+and in the summary (a rebuilt aligned model keeps its directory, not its weights).
 
 After every sweep, from every finished run under RESULTS/runs (atomic writes):
   summary.csv          one row per run, each number with its 95% Wilson interval (NAME_lo, NAME_hi)
@@ -55,7 +57,7 @@ import align
 import train
 from checkpoint import RESUME_MAY_CHANGE
 from cli import one_line_errors
-from files import atomic_write, write_json
+from files import atomic_write, weights_sha256, write_json
 from intervals import as_arrays, bootstrap, paired_bootstrap
 from methods import METHODS
 
@@ -155,6 +157,9 @@ def plan(args, rest):
         diff = [f"{k} {old[k]!r} -> {v!r}" for k, v in settings.items() if k in old and old[k] != v]
         if diff:
             sys.exit(f"error: {args.results} holds runs with other settings ({'; '.join(diff)}): use another --results")
+    start = Path(config["model"] or align.ALIGNED)  # the default aligned model once built; a rebuilt one differs
+    if (start / "config.json").exists():
+        one_starting_model(collect(args.results), args.results, weights_sha256(start))
     write_json(path, settings)
     return runs
 
@@ -378,11 +383,21 @@ def collect(results):
                **judge_columns(r.get("judges")),  # several judges (train.py --judge a,b or eval.py --rejudge)
                # per-prompt outcomes, for the intervals (not in the CSV); a run from before they were kept has none
                "_outcomes": (r.get("history") or [{}])[-1].get("outcomes", {}),
-               "_start_outcomes": (r.get("start_eval") or {}).get("outcomes", {}),
+               "_start_outcomes": (r.get("start_eval") or {}).get("outcomes", {}), "_start_sha256": r.get("start_sha256"),
                "_curve": curve_of(r.get("history") or [])}
         order = list(METHODS).index(r["method"]) if r.get("method") in METHODS else len(METHODS)
         rows.append(((row["scenario"], order, row["method"], row["seed"]), row))
     return [row for _, row in sorted(rows, key=lambda kr: kr[0])]
+
+
+def one_starting_model(rows, results, sha256=None):
+    """A table compares methods from one starting model: runs from another one (a rebuilt aligned model, say) are an
+    error, not a row. sha256: the model the next runs will start from. Runs from before train.py recorded it pass."""
+    seen = {r["_start_sha256"]: r["out"] for r in rows if r["_start_sha256"]} | ({sha256: "the next runs"} if sha256 else {})
+    if len(seen) > 1:
+        (a, a_out), (b, b_out) = list(seen.items())[:2]
+        sys.exit(f"error: {results}: {Path(a_out).name} started from a model with weights sha256 {a[:12]}, "
+                 f"{Path(b_out).name} from {b[:12]}: one --results directory, one starting model")
 
 
 def sequence_columns(history):
@@ -592,6 +607,7 @@ def summarize(results):
     if not rows:
         print(f"no finished runs under {results / 'runs'}: no summary")
         return None
+    one_starting_model(rows, results)
     table = comparison(rows)
     for name, records, columns in (("summary.csv", rows, [*COLUMNS, *bench_columns(rows)]), ("comparison.csv", table, list(table[0]))):
         buf = io.StringIO()

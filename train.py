@@ -41,7 +41,7 @@ from checkpoint import (RESUME_MAY_CHANGE, Checkpoints, Stopped, check_resume, r
 from cli import default_dtype, describe_dtype, one_line_errors
 from distributed import DDP, setup_distributed, shard, world_size
 from eval import check_device, check_lengths, evaluate, judges_by_stage, print_details, print_table, task_metric, write_jsonl
-from files import write_json
+from files import weights_sha256, write_json
 from judges import answer_tokens, make_judge
 from loop import fit, n_steps
 from methods import METHODS, inner_choices, make
@@ -296,7 +296,7 @@ def run(args):
                      "task": {t: len(e) for t, (e, _) in test_sets.items()}},
                **{k: final[k] for k in ("asr_by_set", "asr_mean_of_sets") if k in final},  # several --harmful sets
                "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
-               "model": str(model_dir), "judge": final["judge"], "history": history, "start_eval": start,
+               "model": str(model_dir), "start_sha256": weights_sha256(model_dir), "judge": final["judge"], "history": history, "start_eval": start,
                "config": vars(args), "versions": {"torch": torch.__version__, "unforgotten": git_commit()},
                "data_hashes": hashes}
     if several:  # several judges: each one's ASR and their agreement, at every stage

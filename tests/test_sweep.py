@@ -1,5 +1,6 @@
 """sweep.py: a grid of train.py runs on a tiny model, resuming, a failed run, the summary's arithmetic, bad input."""
 import csv
+import hashlib
 import importlib.util
 import json
 import os
@@ -41,6 +42,7 @@ def test_sweep_runs_summarizes_and_resumes(tiny_checkpoint, tmp_path, capsys):
     assert {p.name for p in (results / "runs").iterdir()} == names
     replay = json.loads((results / "runs" / "replay_replay-ratio=0.5-poisoned-s1" / "results.json").read_text())
     assert replay["config"]["replay_ratio"] == 0.5 and replay["seed"] == 1 and replay["config"]["n_train"] == 4
+    assert replay["start_sha256"] == hashlib.sha256((tiny_checkpoint / "model.safetensors").read_bytes()).hexdigest()
 
     with open(results / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -147,7 +149,7 @@ def test_run_names_differ_for_different_flags():
     assert a != b and "/" not in a
 
 
-def write_run(results, name, method, scenario, seed, outcomes, start, train_seconds):
+def write_run(results, name, method, scenario, seed, outcomes, start, train_seconds, start_sha256=None):
     """A results.json as train.py writes it, from per-prompt outcomes ({"asr": "0110..", ...}: the shares follow);
     outcomes None: a run from before outcomes were kept, with fixed shares (0.3, 0.2, no task)."""
     run = results / "runs" / name
@@ -163,7 +165,7 @@ def write_run(results, name, method, scenario, seed, outcomes, start, train_seco
     (run / "results.json").write_text(json.dumps(dict(
         method=method, scenario=scenario, seed=seed, poison_ratio=0.1 if scenario == "poisoned" else 0.0, **metrics,
         ci=ci, train_seconds=train_seconds, total_seconds=train_seconds + 5, history=[last],
-        start=dict(zip(("asr", "over_refusal", "task_accuracy"), start)))))
+        start=dict(zip(("asr", "over_refusal", "task_accuracy"), start)), start_sha256=start_sha256)))
 
 
 def test_summary_on_hand_written_results(tmp_path, capsys, monkeypatch):
@@ -212,6 +214,23 @@ def test_summary_on_hand_written_results(tmp_path, capsys, monkeypatch):
     if HAS_MATPLOTLIB:
         sweep.main(["--summarize-only", "--results", str(results)])
         assert (results / "safety_utility.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_from_two_starting_models_are_refused(tiny_checkpoint, tmp_path):
+    """A rebuilt aligned model (a new recipe) keeps its directory: its runs must not join the old ones' table."""
+    results, other = tmp_path / "results", "ab" * 32
+    write_run(results, "sft-benign-s0", "sft", "benign", 0, None, (0.25, 0.2, 0.1), 10, start_sha256=other)
+    write_run(results, "der-benign-s0", "der", "benign", 0, None, (0.25, 0.2, 0.1), 10)  # an older run: no hash
+    sweep.main(["--summarize-only", "--results", str(results)])  # one starting model so far
+    with pytest.raises(SystemExit) as e:  # before anything runs
+        sweep.main(["--methods", "sft", "--scenarios", "poisoned", "--seeds", "0", "--results", str(results),
+                    "--model", str(tiny_checkpoint), *FAST])
+    assert "sft-benign-s0 started from a model with weights sha256 abababababab" in str(e.value.code)
+    assert not (results / "runs" / "sft-poisoned-s0").exists()
+    write_run(results, "lwf-benign-s0", "lwf", "benign", 0, None, (0.25, 0.2, 0.1), 10, start_sha256="cd" * 32)
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--summarize-only", "--results", str(results)])
+    assert "one starting model" in str(e.value.code) and "lwf-benign-s0" in str(e.value.code)
 
 
 def test_summarize_only_without_runs_fails(tmp_path):
