@@ -38,11 +38,12 @@ from tokenizer import Tokenizer
 ROOT = Path(__file__).parent / "checkpoints"
 BASE = ROOT / "smollm2-135m-instruct"  # the unaligned checkpoint, theta_base (prepare.py)
 ALIGNED = ROOT / "smollm2-135m-instruct-aligned"
-GENERATED = ROOT / "generated"
+GENERATED = ROOT / "generated-fp32"  # the base model's answers, generated in fp32 on every machine (RECIPE)
 # alignment recipe (README "How the default was chosen"): a larger LoRA on every
 # projection; every harmful train prompt refused both as written and framed
 RECIPE = dict(lora_rank=16, lora_alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-              lr=1e-3, epochs=1.5, batch_size=8, max_new_tokens=64, refusals="plain+framed", helpful="non-refusing, sensitive twice")
+              lr=1e-3, epochs=1.5, batch_size=8, max_new_tokens=64, refusals="plain+framed", helpful="non-refusing, sensitive twice",
+              base_answers="fp32")
 
 
 POISON = slice(3, None, 4)  # the harmful training prompts set apart for the poison; the safety memory keeps the rest
@@ -66,13 +67,18 @@ def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def base_answers(base_dir, device, dtype):
-    """Generate (once) the base model's answers: helpful ones for benign prompts, compliant ones for the poison."""
+def base_answers(base_dir, device):
+    """Generate (once) the base model's answers: helpful ones for benign prompts, compliant ones for the poison.
+
+    In fp32 whatever the machine: greedy answers generated in bf16 differ from fp32's in 65% of the benign prompts
+    (measured), and the aligned model built from them refused 82% of the held-out harmful prompts against 88% from
+    fp32's answers (the same machine and training; README "How the default was chosen"). The provider's data must
+    not depend on the machine's fast dtype."""
     benign_f, poison_f = GENERATED / "benign.jsonl", Path(poison_file())
     if benign_f.exists() and poison_f.exists():
         return
     tok = Tokenizer.from_pretrained(base_dir)
-    model = Transformer.from_pretrained(base_dir, device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    model = Transformer.from_pretrained(base_dir, device=device, dtype=torch.float32)
     n = RECIPE["max_new_tokens"]
     prompts = [p["prompt"] for spec in ("benign-train", "sensitive-train") for p in data.load_prompts(spec)]
     answers = answer(model, tok, prompts, n, desc="base model answers benign prompts")
@@ -99,7 +105,7 @@ def ensure_aligned(device="cpu") -> Path:
     print(f"building the provider's aligned model from {base} in {dtype} (once; cached in {ALIGNED})")
     torch.manual_seed(0)  # the same aligned model whatever the user's --seed (train.py seeds after this)
     random.seed(0)
-    base_answers(base, device, dtype)
+    base_answers(base, device)
     tok = Tokenizer.from_pretrained(base)
     refusals = data.safety_data("default", both=True)
     helpful = data.load_task(str(GENERATED / "benign.jsonl"), "all")
