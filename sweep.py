@@ -151,6 +151,8 @@ def plan(args, rest):
     keys = set(vars(train.get_args([]))) - NOT_SETTINGS
     config = vars(check([*rest, "--method", entries[0][0]], "flags"))
     settings = json.loads(json.dumps({k: v for k, v in config.items() if k in keys}))
+    if settings.get("base_model") == str(align.BASE):  # the default checkpoint, wherever the clone is: a results
+        settings["base_model"] = None                   # directory moves between clones and machines
     path = args.results / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())

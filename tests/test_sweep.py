@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import align
 import sweep
 import train
 from intervals import wilson
@@ -135,6 +136,20 @@ def test_bad_input_is_one_line_error_before_anything_runs(tmp_path, argv, messag
         sweep.main([*argv, "--results", str(tmp_path / "results")])
     assert message in str(e.value.code) and "\n" not in str(e.value.code)
     assert not (tmp_path / "results").exists()
+
+
+def test_a_results_directory_moves_between_clones(tmp_path, monkeypatch):
+    """settings.json names the default checkpoint, not where this clone keeps it: the README's sweep command works in
+    a clone elsewhere that holds the published results/; another --base-model is still another setting."""
+    argv = ["--methods", "sft", "--results", str(tmp_path / "results")]
+    for clone in ("a", "b"):
+        monkeypatch.setattr(align, "BASE", tmp_path / clone / "checkpoints" / "base")
+        monkeypatch.setattr(align, "ALIGNED", tmp_path / clone / "checkpoints" / "aligned")  # not built
+        sweep.plan(*sweep.get_args(argv))
+    assert json.loads((tmp_path / "results" / "settings.json").read_text())["base_model"] is None
+    with pytest.raises(SystemExit) as e:
+        sweep.plan(*sweep.get_args([*argv, "--base-model", str(tmp_path / "other")]))
+    assert "other settings" in str(e.value.code) and "base_model None" in str(e.value.code)
 
 
 def test_checkpoint_flags_are_not_settings():
