@@ -90,6 +90,14 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
+    def keep(self, rows, moved, filled):
+        """Only batch rows `rows` go on (new row i is old row rows[i]); the `moved` rows change place, and of them only
+        the first `filled` slots hold anything. The buffers shrink as views: nothing is allocated."""
+        for name in ("k", "v"):
+            buf = getattr(self, name)
+            buf[moved, :, :filled] = buf[rows[moved], :, :filled]
+            setattr(self, name, buf[: len(rows)])
+
 
 def attention_mask(q_slots, k_slots, window=None, key_mask=None):
     """Which keys each query sees (True = visible): slot j <= slot i, within the window (i - window < j, as
@@ -285,6 +293,13 @@ class Transformer(nn.Module):
         for layer, cache in zip(self.model.layers, kept):
             layer.self_attn.kv_cache = cache
         self._kept_caches = None
+
+    def keep_cache_rows(self, rows, filled):
+        """Shrink every cache to batch rows `rows` (new row i is old row rows[i]; the first `filled` slots): generation
+        drops the rows that have stopped."""
+        moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero()[:, 0]
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache.keep(rows, moved, filled)
 
     def clear_cache(self, keep=False):
         """Detach the caches (training runs without them); keep=True holds them for the next setup_cache."""

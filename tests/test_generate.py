@@ -74,3 +74,33 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy():
 def test_too_long_prompt_is_an_error():
     with pytest.raises(ValueError, match="exceeds the model's context"):
         generate(tiny(), [[1] * 120], max_new_tokens=10)
+
+
+def test_going_on_moves_the_fewest_rows_and_keeps_min_rows(monkeypatch):
+    import generate as g
+    monkeypatch.setattr(g, "MIN_ROWS", 2)
+    done = torch.tensor([True, False, True, False, False])
+    assert g.going_on(done).tolist() == [3, 1, 4]  # rows 0 and 2 stopped: rows 3 and 4 take their places
+    assert g.going_on(torch.tensor([False, True, True, False])).tolist() == [0, 3]
+    assert g.going_on(torch.tensor([True, True, False])).tolist() == [0, 2]  # one row left keeps a stopped companion
+    monkeypatch.setattr(g, "MIN_ROWS", 3)
+    assert g.going_on(torch.tensor([True, True, True, False, True])).tolist() == [0, 1, 3]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stopped_rows_leave_the_batch_and_change_no_answer(variant):
+    # eager generation drops stopped rows (and their cache rows) down to MIN_ROWS; a decode_step keeps every row to the end
+    m = tiny(**VARIANTS[variant])
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (40,), generator=g)]
+    free = generate(m, prompts, max_new_tokens=12)
+    # the stop token that ends the most rows at different steps, with at least one row running on
+    ends = lambda s: [row.index(s) if s in row else None for row in free]
+    stop = max({t for row in free for t in row}, key=lambda s: (None in ends(s), len(set(ends(s)) - {None})))
+    assert None in ends(stop) and len(set(ends(stop)) - {None}) >= 2
+    kept, keep = [], m.keep_cache_rows
+    m.keep_cache_rows = lambda rows, filled: (kept.append(rows.tolist()), keep(rows, filled))
+    got = generate(m, prompts, max_new_tokens=12, stop_ids={stop})
+    assert any(r != list(range(len(r))) for r in kept) and all(len(r) >= 16 for r in kept)  # rows moved, 16 at least
+    assert got == [row[: row.index(stop)] if stop in row else row for row in free]
+    assert got == generate(m, prompts, max_new_tokens=12, stop_ids={stop}, decode_step=m)
