@@ -18,6 +18,7 @@ Jiang et al. 2023 (Mistral), Gemma Team 2024 and 2025 (Gemma 2, Gemma 3), Qwen T
 structure of nanoGPT / gpt-fast / litgpt.
 """
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -300,6 +301,20 @@ class Transformer(nn.Module):
         moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero()[:, 0]
         for layer in self.model.layers:
             layer.self_attn.kv_cache.keep(rows, moved, filled)
+
+    @contextmanager
+    def cache_rows(self, start, end):
+        """The KV caches cut to batch rows start:end for the forward passes inside: views, so what they write lands in
+        the whole caches (generate prefills its prompts a group of similar lengths at a time)."""
+        caches = [layer.self_attn.kv_cache for layer in self.model.layers]
+        whole = [(c.k, c.v) for c in caches]
+        for c, (k, v) in zip(caches, whole):
+            c.k, c.v = k[start:end], v[start:end]
+        try:
+            yield
+        finally:
+            for c, (k, v) in zip(caches, whole):
+                c.k, c.v = k, v
 
     def clear_cache(self, keep=False):
         """Detach the caches (training runs without them); keep=True holds them for the next setup_cache."""

@@ -104,3 +104,30 @@ def test_stopped_rows_leave_the_batch_and_change_no_answer(variant):
     assert any(r != list(range(len(r))) for r in kept) and all(len(r) >= 16 for r in kept)  # rows moved, 16 at least
     assert got == [row[: row.index(stop)] if stop in row else row for row in free]
     assert got == generate(m, prompts, max_new_tokens=12, stop_ids={stop}, decode_step=m)
+
+
+def test_prefill_runs_pad_least():
+    from generate import prefill_runs
+    assert prefill_runs([10, 9, 3, 3, 2], 0) == [(0, 1), (1, 2), (2, 4), (4, 5)]  # free passes: no padding at all
+    assert prefill_runs([10, 9, 3, 3, 2], 4) == [(0, 2), (2, 5)]  # 20 + 9 + 2 passes: 37 (one pass: 54; three: 40)
+    assert prefill_runs([10, 9, 3, 3, 2], 100) == [(0, 5)]
+    assert prefill_runs([5], 0) == [(0, 1)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefill_in_runs_changes_no_answer(variant, monkeypatch):
+    # on a CPU prompts are prefilled in runs of similar lengths, each into its rows of the caches from its own first slot
+    import generate as g
+    m = tiny(**VARIANTS[variant])
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 64, (int(n),), generator=gen).tolist() for n in torch.randint(1, 13, (20,), generator=gen)]
+    monkeypatch.setattr(g, "PREFILL_PASS_TOKENS", 10**9)
+    one_pass = generate(m, prompts, max_new_tokens=12)
+    passes, cache_rows = [], m.cache_rows
+    m.cache_rows = lambda a, b: (passes.append((a, b)), cache_rows(a, b))[1]
+    monkeypatch.setattr(g, "PREFILL_PASS_TOKENS", 0)  # a run per prompt length
+    assert generate(m, prompts, max_new_tokens=12) == one_pass
+    assert len(passes) == len({len(p) for p in prompts}) > 5
+    assert generate(m, prompts, max_new_tokens=12, decode_step=m) == one_pass
+    for p, got in list(zip(prompts, one_pass))[:4]:
+        assert got == greedy_without_cache(m, p, 12)
