@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from files import read_json, save_tensors, write_json
+from model import linear as base_linear
 
 PEFT_PREFIX = "base_model.model."
 
@@ -45,7 +46,7 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scale  # (out, in)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = base_linear(x, self.weight, self.bias)  # the frozen product, as model.Linear's
         if self.merged:  # the delta is inside weight; take it out again if asked to run disabled
             return y - F.linear(x, self.delta().to(x.dtype)) if self.disabled else y
         if self.disabled:

@@ -303,3 +303,24 @@ def test_missing_unknown_and_truncated_tensors(tmp_path):
     f.unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         Transformer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_of_a_decoding_step_equals_f_linear(bias, monkeypatch):
+    # model.linear computes a CPU fp32 decode step's 12-64 rows as (W @ x.T).T; anything else goes to F.linear
+    import model
+    ref, calls = torch.nn.functional.linear, []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: (calls.append(1), ref(*a))[1])
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g) if bias else None
+    for shape, transposed in [((12, 1, 40), True), ((16, 40), True), ((64, 1, 40), True), ((11, 1, 40), False),
+                              ((65, 40), False), ((5, 16, 40), False)]:
+        x, calls[:] = torch.randn(*shape, generator=g), []
+        with torch.no_grad():
+            got = model.linear(x, w, b)
+        assert not calls if transposed else calls
+        torch.testing.assert_close(got, ref(x, w, b))
+        assert got.shape == (*shape[:-1], 96) and got.is_contiguous()
+    x = torch.randn(16, 40, generator=g, requires_grad=True)  # with grad: F.linear, gradients as ever
+    model.linear(x, w, b).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(16, 40))
