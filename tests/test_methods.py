@@ -65,6 +65,34 @@ def test_nll_is_mean_over_target_tokens(setup):
     assert torch.allclose(nll(model, b), ref, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_nll_in_chunks_has_the_gradient_of_nll_in_one_piece(setup, monkeypatch, softcap):
+    """Over LOSS_ROWS targets nll computes its logits a chunk at a time, each chunk's gradient at once: the loss and
+    the LoRA's gradients (through a loss scaled afterwards, as the loop's accumulation does) are those of one piece."""
+    tok, model, task, _ = setup
+    model.lm_head.softcap = softcap  # Gemma 2's capped logits go through the chunks too
+    b = collate(task[:3], tok.pad_id)
+    one = [nll(model, b)]
+    one += grads(3 * one[0], model)
+    rows = []
+    monkeypatch.setattr(methods.method, "LOSS_ROWS", 4)
+    monkeypatch.setattr(type(model.lm_head), "__call__", lambda self, x: rows.append(len(x)) or torch.nn.Module.__call__(self, x))
+    chunked = [nll(model, b)]
+    chunked += grads(3 * chunked[0], model)
+    assert len(b["tgt"]) > 8 and max(rows) == 4 and sum(rows) == len(b["tgt"])  # in chunks, every target once
+    for a, c in zip(one, chunked):
+        assert torch.allclose(a, c, rtol=1e-5, atol=1e-7)
+
+
+def test_nll_of_a_trainable_head_keeps_the_heads_gradient(setup, monkeypatch):
+    tok, model, task, _ = setup
+    b, head = collate(task[:3], tok.pad_id), model.lm_head.weight
+    head.requires_grad_(True)  # full fine-tuning of the head (tied: the embedding too): it needs the whole graph
+    one = torch.autograd.grad(nll(model, b), head)[0]
+    monkeypatch.setattr(methods.method, "LOSS_ROWS", 4)
+    assert torch.allclose(torch.autograd.grad(nll(model, b), head)[0], one, rtol=1e-5, atol=1e-7)
+
 class Captured(Exception):
     """Raised from after_backward with the first step's gradients."""
 
