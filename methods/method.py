@@ -115,8 +115,8 @@ def target_nll(head, h, tgt):
     200 MB each for a 4 x 256 all-target batch of the default model and 4 GiB for 8 x 1024 over Llama 3's 128K
     vocabulary; on a CPU, writing them cost more than their arithmetic (the loss of 1020 targets, forward and
     backward, 0.91 s in one piece, 0.79 s in chunks of 256; of 2040, 2.36 s against 1.46 s; 2026-12-06, Zen 5).
-    The gradient is the same, bitwise on that machine, in fp32 and bf16 (each row's logits and their gradient are
-    computed alone either way); the loss's value is summed in another order (the last bit may differ).
+    The gradient is that of one piece up to rounding: the chunks' products are the same rows, but the BLAS may sum
+    a short chunk in another order (the default run's aligned model came out bitwise the same, its sft adapter not).
     """
     n = max(len(tgt), 1)
     if len(h) <= LOSS_ROWS or not h.requires_grad or any(p.requires_grad for p in head.parameters()):
